@@ -1,0 +1,32 @@
+"""LoRA inside a frozen node, through peft: the adapter weights are the node's trainable tensors."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from mmadapt.nodes import Adapter
+
+
+class LoRA(Adapter):
+    """peft's LoraConfig injected into the node's inner model; peft picks target modules when none are named."""
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: int = 16,  # scale = alpha / r; saved in the card's peft config so it is never lost
+        dropout: float = 0.0,
+        target_modules: list[str] | None = None,  # e.g. [q_proj, v_proj]; None = peft's default for the model type
+    ) -> None:
+        super().__init__(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
+        self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
+
+    def peft_config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules)
+
+    def apply(self, target: nn.Module) -> None:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(self.peft_config(), target)

@@ -1,0 +1,68 @@
+"""BLIP-2's Q-Former on transformers' Blip2QFormerModel, with its weight names so BLIP-2 checkpoints load."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmadapt.checkpoint_io import load_prefixed_tensors
+from mmadapt.errors import MMAdaptError
+from mmadapt.nodes import Bridge
+
+BLIP2_PREFIXES = ("query_tokens", "qformer.", "language_projection.")
+
+
+class QFormer(Bridge):
+    """Learned queries self-attend and cross-attend to encoder tokens; a linear map feeds the generator.
+
+    Parameter names match `Blip2ForConditionalGeneration` (`query_tokens`, `qformer.*`,
+    `language_projection.*`), so `init_from` can copy a BLIP-2 checkpoint's bridge as it is.
+    """
+
+    width_input = "context"
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_queries: int = 32,  # BLIP-2 uses 32
+        hidden_size: int = 768,  # BERT-base width in BLIP-2
+        num_layers: int = 12,
+        num_heads: int = 12,
+        intermediate_size: int | None = None,  # defaults to 4 * hidden_size
+        cross_attention_every: int = 2,  # BLIP-2 cross-attends in every 2nd layer
+        init_from: str | None = None,  # folder or hub id of a BLIP-2 checkpoint to start from
+    ) -> None:
+        super().__init__()
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        self.in_dim, self.out_dim = in_dim, out_dim
+        config = Blip2QFormerConfig(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+            cross_attention_frequency=cross_attention_every,
+            encoder_hidden_size=in_dim,
+        )
+        self.query_tokens = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)  # zeros would stall layer 1
+        self.qformer = Blip2QFormerModel(config)
+        self.language_projection = nn.Linear(hidden_size, out_dim)
+        if init_from is not None:
+            self.load_blip2(init_from)
+
+    def load_blip2(self, source: str) -> None:
+        """Copy `query_tokens`, `qformer.*` and `language_projection.*` from a BLIP-2 checkpoint."""
+        tensors = load_prefixed_tensors(source, BLIP2_PREFIXES)
+        own = self.state_dict()
+        wrong = [f"{k}: checkpoint {tuple(v.shape)} vs bridge {tuple(own[k].shape)}" for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+        missing = sorted(set(own) - set(tensors))
+        if wrong or missing:
+            detail = "; ".join(wrong[:3] + [f"missing {m}" for m in missing[:3]])
+            raise MMAdaptError(f"init_from '{source}' does not fit this Q-Former ({detail}); match its sizes in the recipe")
+        self.load_state_dict({k: v for k, v in tensors.items() if k in own})
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        queries = self.query_tokens.expand(context.shape[0], -1, -1)  # (B, Q, H)
+        mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)  # (B, N)
+        hidden = self.qformer(query_embeds=queries, encoder_hidden_states=context, encoder_attention_mask=mask).last_hidden_state
+        return self.language_projection(hidden)  # (B, Q, out_dim)

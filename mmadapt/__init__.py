@@ -1,0 +1,1 @@
+"""mmadapt: multimodal models from frozen parts."""

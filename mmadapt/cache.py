@@ -1,0 +1,86 @@
+"""On-disk cache of frozen encoder outputs, keyed by encoder identity and input content."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from mmadapt.model import AssembledModel
+
+
+@dataclass
+class CacheStats:
+    """What a cache pass did, for the log and for the benchmarks' break-even figure."""
+
+    built: int
+    reused: int
+    skipped: int
+    seconds: float
+    bytes_per_sample: float
+
+
+def identity_digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """One safetensors file per (encoder identity, sample content). A changed key is a different file."""
+
+    def __init__(self, root: str | Path, model: AssembledModel, nodes: list[str]) -> None:
+        self.root = Path(root)
+        self.model = model
+        self.nodes = list(nodes)
+        # The identity covers the encoder's class, base, weights hash, layer, feature choice and transform.
+        self.dirs = {n: self.root / identity_digest(model.nodes[n].cache_identity()) for n in self.nodes}
+        for node, folder in self.dirs.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            identity_file = folder / "identity.json"
+            if not identity_file.exists():
+                identity_file.write_text(json.dumps(model.nodes[node].cache_identity(), indent=2, default=str))
+
+    def entry(self, node: str, key: str) -> Path:
+        return self.dirs[node] / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return all(self.entry(n, key).is_file() for n in self.nodes)
+
+    def load_batch(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return {n: torch.stack([load_file(str(self.entry(n, k)))["features"] for k in keys]) for n in self.nodes}  # (B, N, D)
+
+    @torch.no_grad()
+    def build(self, dataset: Dataset, collator: Any, batch_size: int, rank: int = 0, world: int = 1) -> CacheStats:
+        """Encode the samples whose entries are missing (this rank's share); bad samples are skipped and counted."""
+        start = time.perf_counter()
+        missing = [i for i in range(rank, len(dataset), world) if not self.has(dataset[i]["key"])]
+        reused = len(range(rank, len(dataset), world)) - len(missing)
+        built = skipped = 0
+        self.model.eval()
+        for offset in range(0, len(missing), batch_size):
+            samples = [dataset[i] for i in missing[offset: offset + batch_size]]
+            batch = collator(samples)
+            skipped += len(samples) - (batch["size"] if batch else 0)
+            if batch is None:
+                continue
+            for node in self.nodes:
+                features = self.model.nodes[node](**self.model.node_kwargs(node, batch, {})).cpu()  # (B, N, D)
+                for key, row in zip(batch["keys"], features):
+                    self._write(self.entry(node, key), row)
+            built += batch["size"]
+        sizes = [self.entry(n, dataset[i]["key"]).stat().st_size for n in self.nodes for i in range(min(len(dataset), 8)) if self.has(dataset[i]["key"])]
+        per_sample = sum(sizes) / max(1, len(sizes) // max(1, len(self.nodes)))
+        return CacheStats(built, reused, skipped, time.perf_counter() - start, per_sample)
+
+    @staticmethod
+    def _write(path: Path, features: torch.Tensor) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"features": features.contiguous()}, str(tmp))
+        os.replace(tmp, path)  # atomic: a reader never sees half a file

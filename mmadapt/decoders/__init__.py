@@ -1,0 +1,1 @@
+"""Frozen generators; each file is one backend. Looked up through mmadapt.registry only."""

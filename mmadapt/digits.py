@@ -1,0 +1,95 @@
+"""scikit-learn's 1,797 handwritten digits as an image-caption dataset with a fixed, stored split."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mmadapt.data import format_sample
+from mmadapt.errors import DataError
+
+SPLIT_FILE = Path(__file__).resolve().parent / "digits_split.json"
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_FORMATS = (
+    "a handwritten {word}",
+    "the digit {number}",
+    "a scan of the number {word}",
+    "the number {word}, written by hand",
+    "a picture of a {word}",
+)
+
+
+@functools.cache
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)  # (1797, 8, 8) in 0..16, (1797,)
+
+
+def make_split(seed: int = 0, val: int = 200, test: int = 300) -> dict[str, list[int]]:
+    """The split stored in digits_split.json; kept as code so the file can be checked and rebuilt."""
+    order = np.random.RandomState(seed).permutation(len(load_digits_arrays()[1])).tolist()
+    return {"test": sorted(order[:test]), "val": sorted(order[test: test + val]), "train": sorted(order[test + val:])}
+
+
+@functools.cache
+def split_indices(split: str) -> list[int]:
+    splits = json.loads(SPLIT_FILE.read_text())
+    if split not in splits:
+        raise DataError(f"digits split '{split}' unknown; splits: {', '.join(splits)}")
+    return splits[split]
+
+
+def digit_image(pixels: np.ndarray) -> Image.Image:
+    """An 8x8 scan (0..16, ink high) as an RGB image, black ink on white like paper."""
+    gray = (255 - pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def caption_for(label: int, style: str, rng: random.Random) -> str:
+    if style == "fixed":
+        return f"a handwritten {WORDS[label]}"
+    return rng.choice(CAPTION_FORMATS).format(word=WORDS[label], number=label)
+
+
+class DigitsCaptions(Dataset):
+    """Each sample: a digit image and a caption naming it ('varied' draws one of several phrasings)."""
+
+    def __init__(
+        self,
+        split: str = "train",  # train | val | test, from the stored split
+        style: str = "varied",  # varied: several caption phrasings; fixed: always "a handwritten <word>"
+        template: str = "caption",  # a name in mmadapt.data.TEMPLATES
+        prompt: str = "",  # the question, for the instruction template
+        limit: int | None = None,  # use only the first N samples of the split (quick tests)
+    ) -> None:
+        if style not in ("varied", "fixed"):
+            raise DataError(f"style must be varied or fixed, got {style!r}")
+        self.indices = split_indices(split)[:limit]
+        self.style, self.template, self.prompt = style, template, prompt
+        format_sample(template, "", "")
+        self.rng = random.Random()  # reseeded from the global RNG state each draw so resume repeats it
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def label(self, position: int) -> int:
+        return int(load_digits_arrays()[1][self.indices[position]])
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        images, labels = load_digits_arrays()
+        index = self.indices[position]
+        self.rng.seed(random.getrandbits(64))
+        text = caption_for(int(labels[index]), self.style, self.rng)
+        prompt, target = format_sample(self.template, text, self.prompt)
+        key = hashlib.sha1(b"sklearn-digits" + images[index].tobytes()).hexdigest()
+        return {"image": digit_image(images[index]), "prompt": prompt, "target": target, "text": text,
+                "key": key, "id": position, "label": int(labels[index])}

@@ -1,0 +1,60 @@
+"""What every image encoder shares: image loading, the feature choice and the cache identity."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmadapt.errors import DataError, MMAdaptError
+from mmadapt.identity import weights_hash
+from mmadapt.nodes import Encoder
+
+FEATURES = ("patch", "pooled")
+
+
+def open_image(source: str | Path | Image.Image) -> Image.Image:
+    """Open an image as RGB; an unreadable file raises DataError naming it."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{source}: not a readable image ({exc})") from None
+
+
+class ImageEncoder(Encoder):
+    """An image tower whose output is patch tokens of one layer, or the pooled embedding as one token."""
+
+    modality = "image"
+    default_inputs = {"pixel_values": "data.image"}
+
+    def _init_features(self, layer: int, feature: str) -> None:
+        if feature not in FEATURES:
+            raise MMAdaptError(f"feature must be one of {', '.join(FEATURES)}, got {feature!r}")
+        self.layer = layer
+        self.feature = feature
+        self.transform: Callable[[Image.Image], torch.Tensor] | None = None
+        self._weights_hash: str | None = None
+
+    def preprocess(self, sample: Any) -> torch.Tensor:
+        assert self.transform is not None
+        return self.transform(open_image(sample))  # (3, H, W)
+
+    def transform_description(self) -> str:
+        return repr(self.transform)
+
+    def cache_identity(self) -> dict[str, Any]:
+        if self._weights_hash is None:  # hashing a big tower takes seconds: do it once
+            self._weights_hash = weights_hash(self)
+        return {
+            "class": type(self).__qualname__,
+            "base": self.describe(),
+            "weights": self._weights_hash,
+            "layer": self.layer,
+            "feature": self.feature,
+            "keep_cls": getattr(self, "keep_cls", None),
+            "transform": self.transform_description(),
+        }

@@ -1,0 +1,114 @@
+"""The assembled model: runs the graph in order, frozen parts without autograd, and generates."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmadapt.errors import MMAdaptError
+from mmadapt.graph import Plan, Ref
+from mmadapt.nodes import Bridge, Decoder, Encoder, Node
+from mmadapt.spec import Recipe
+
+
+class AssembledModel(nn.Module):
+    """Nodes in topological order. A batch carries each node's data inputs under `node_inputs`."""
+
+    def __init__(self, recipe: Recipe, plan: Plan, nodes: dict[str, Node]) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.plan = plan
+        self.nodes = nn.ModuleDict(nodes)
+        self.order = list(plan.order)
+        self.decoder_name = plan.decoder or ""
+        self.needs_grad = self._needs_grad()
+
+    # --- structure ---
+    @property
+    def decoder(self) -> Decoder:
+        return self.nodes[self.decoder_name]  # type: ignore[return-value]
+
+    def encoders(self) -> dict[str, Encoder]:
+        return {n: m for n, m in self.nodes.items() if isinstance(m, Encoder)}
+
+    def bridges(self) -> dict[str, Bridge]:
+        return {n: m for n, m in self.nodes.items() if isinstance(m, Bridge)}
+
+    def parents(self, name: str) -> list[str]:
+        return [r.source for refs in self.plan.inputs[name].values() for r in refs if not r.is_data]
+
+    def _needs_grad(self) -> dict[str, bool]:
+        """A node needs autograd if it has trainable tensors or any ancestor has."""
+        result: dict[str, bool] = {}
+        for name in self.order:
+            own = any(p.requires_grad for p in self.nodes[name].parameters())
+            result[name] = own or any(result[p] for p in self.parents(name))
+        return result
+
+    def cacheable_encoders(self) -> list[str]:
+        """Frozen encoders fed only by data, upstream of every trainable tensor: their outputs can be cached."""
+        return [
+            n for n, m in self.encoders().items()
+            if not self.needs_grad[n] and all(r.is_data for refs in self.plan.inputs[n].values() for r in refs)
+        ]
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable tensors keyed `node.param`, the same keys a card stores."""
+        return {f"{n}.{k}": p for n, m in self.nodes.items() for k, p in m.named_parameters() if p.requires_grad}
+
+    def train(self, mode: bool = True) -> AssembledModel:
+        """Only nodes that own trainable tensors change mode; frozen ones stay in eval (no dropout, fixed norms)."""
+        super().train(False)
+        for name, node in self.nodes.items():
+            if any(p.requires_grad for p in node.parameters()):
+                node.train(mode)
+        return self
+
+    # --- execution ---
+    def run_nodes(self, batch: dict[str, Any], until_decoder: bool = False) -> dict[str, Any]:
+        """Run every node (or all but the decoder) and return their outputs by name."""
+        outputs: dict[str, Any] = dict(batch.get("precomputed", {}))
+        for name in self.order:
+            if name in outputs or (until_decoder and name == self.decoder_name):
+                continue
+            kwargs = self.node_kwargs(name, batch, outputs)
+            with contextlib.nullcontext() if self.needs_grad[name] else torch.no_grad():
+                outputs[name] = self.nodes[name](**kwargs)
+        return outputs
+
+    def node_kwargs(self, name: str, batch: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        for port, refs in self.plan.inputs[name].items():
+            values = [self._fetch(name, port, ref, batch, outputs) for ref in refs]
+            kwargs[port] = values[0] if len(values) == 1 else torch.cat(values, dim=1)  # several refs: joined along tokens
+        if not self.plan.inputs[name] and isinstance(self.nodes[name], Bridge):
+            kwargs["batch_size"] = batch["size"]  # an input-free bridge (soft prompt) still needs B
+        return kwargs
+
+    @staticmethod
+    def _fetch(name: str, port: str, ref: Ref, batch: dict[str, Any], outputs: dict[str, Any]) -> Any:
+        if ref.is_data:
+            try:
+                return batch["node_inputs"][name][port]
+            except KeyError:
+                raise MMAdaptError(f"graph.{name}.inputs.{port}: the batch has no data field '{ref.key}'") from None
+        value = outputs[ref.source]
+        if ref.key is not None:
+            if not isinstance(value, dict) or ref.key not in value:
+                keys = ", ".join(value) if isinstance(value, dict) else "none (a single tensor)"
+                raise MMAdaptError(f"graph.{name}.inputs.{port}: '{ref.source}' has no output '{ref.key}'; outputs: {keys}")
+            value = value[ref.key]
+        return value
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.run_nodes(batch)[self.decoder_name]
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], prompts: list[str], **settings: Any) -> list[str]:
+        """Run encoders and bridges, then let the decoder generate after their outputs."""
+        outputs = self.run_nodes(batch, until_decoder=True)
+        kwargs = self.node_kwargs(self.decoder_name, batch, outputs) if self.plan.inputs[self.decoder_name] else {}
+        prefix = kwargs.get("prefix_embeds")
+        return self.decoder.generate(prefix, prompts, **settings)

@@ -1,0 +1,220 @@
+"""Recipe files: YAML loading, `key=value` overrides, and the typed training config."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmadapt.errors import Problem, RecipeError
+
+TOP_LEVEL_KEYS = ("name", "graph", "data", "val_data", "train")
+NODE_RESERVED_KEYS = ("type", "inputs", "trainable", "adapters")
+
+
+@dataclass
+class TrainConfig:
+    """How to train the bridge. Every field has a default, so a recipe names only what it changes."""
+
+    objective: str = "lm"  # the loss the generator computes; "lm" = next-token loss on target tokens only
+    lr: float = 1e-4  # peak learning rate of AdamW, reached after warmup
+    weight_decay: float = 0.0  # AdamW decoupled decay; bridges are small, so none by default
+    batch_size: int = 8  # samples per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step: global batch = batch_size * processes * grad_accum
+    steps: int = 100  # optimizer steps; the run length is counted in these, not epochs
+    warmup_steps: int = 0  # linear warmup before the cosine decay to zero
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+    precision: str = "fp32"  # fp32 | bf16 | fp16: accelerate's mixed precision (fp16 needs a GPU)
+    seed: int = 0  # seeds data order, init of bridges and of config-built random bases
+    cache_frozen_features: bool = False  # cache outputs of frozen, unaugmented encoders on disk
+    cache_dir: str = ".mmadapt-cache"  # where the feature cache lives; shared between runs on purpose
+    output_dir: str = "runs/{name}"  # run directory: metrics, checkpoints and the final card
+    log_every: int = 10  # steps between JSONL metric lines (every step is logged when 1)
+    eval_every: int = 0  # steps between validation passes; 0 = only at the end
+    save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # older step checkpoints are deleted, the final card never is
+    max_text_tokens: int = 64  # prompt + target tokens per sample, truncated beyond this
+    num_workers: int = 0  # DataLoader workers; 0 keeps bad-sample counting exact
+    skip_bad_samples: bool = True  # skip, count and report unreadable samples; False fails fast
+    eval_generations: int = 4  # sample generations written to the log at each evaluation
+    max_new_tokens: int = 16  # generation length used by evaluation and `generate`
+
+
+@dataclass
+class NodeSpec:
+    """One node of the graph as written in the recipe, before anything is built."""
+
+    name: str
+    type: str
+    inputs: dict[str, str | list[str]] = field(default_factory=dict)
+    trainable: bool | None = None  # None: the role decides (bridges train, encoders/decoders are frozen)
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: the raw mapping (for saving) plus typed views of its parts."""
+
+    raw: dict[str, Any]
+    source: str
+    name: str
+    nodes: dict[str, NodeSpec]
+    data: dict[str, Any]
+    val_data: dict[str, Any] | None
+    train: TrainConfig
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file into a mapping; a YAML syntax error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([Problem(str(path), "", "file not found")], source=str(path))
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError([Problem(str(path), "", f"not valid YAML: {exc}")], source=str(path)) from None
+    if not isinstance(loaded, dict):
+        raise RecipeError([Problem(str(path), "", "a recipe must be a mapping with a 'graph' key")], str(path))
+    loaded.setdefault("name", path.stem)
+    return loaded
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "command line") -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML so `3e-4`, `true` and `[1,2]` work."""
+    result = copy.deepcopy(raw)
+    problems: list[Problem] = []
+    for item in overrides:
+        key, sep, value_text = item.partition("=")
+        if not sep or not key:
+            problems.append(Problem(source, item, "an override must look like section.key=value"))
+            continue
+        parts = key.split(".")
+        target = result
+        for part in parts[:-1]:
+            if not isinstance(target.get(part, {}), dict):
+                problems.append(Problem(source, key, f"'{part}' is not a mapping, so it has no keys"))
+                break
+            target = target.setdefault(part, {})
+        else:
+            target[parts[-1]] = yaml.safe_load(value_text) if value_text else ""
+    if problems:
+        raise RecipeError(problems, source=source)
+    return result
+
+
+def _accepts(annotation: Any, value: Any) -> tuple[bool, Any]:
+    """Check a YAML value against a dataclass field type, converting the lossless cases (int->float, '3e-4')."""
+    if annotation is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if annotation is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def parse_train_config(raw: Any, where: str = "train") -> tuple[TrainConfig, list[Problem]]:
+    """Build a TrainConfig, collecting a Problem per unknown key or wrongly typed value."""
+    problems: list[Problem] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        return TrainConfig(), [Problem(where, "", "must be a mapping of training options")]
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            problems.append(Problem(where, str(key), f"unknown option; accepted: {', '.join(sorted(known))}"))
+            continue
+        ok, converted = _accepts(hints[key], value)
+        if not ok:
+            problems.append(Problem(where, key, f"expected {hints[key].__name__}, got {value!r}"))
+            continue
+        values[key] = converted
+    config = TrainConfig(**values)
+    if config.precision not in ("fp32", "bf16", "fp16"):
+        problems.append(Problem(where, "precision", f"expected one of fp32, bf16, fp16, got {config.precision!r}"))
+    for name in ("batch_size", "grad_accum", "steps"):
+        if getattr(config, name) < 1:
+            problems.append(Problem(where, name, f"must be at least 1, got {getattr(config, name)}"))
+    return config, problems
+
+
+def parse_node(name: str, raw: Any) -> tuple[NodeSpec | None, list[Problem]]:
+    """Split a node mapping into its reserved keys and its constructor arguments."""
+    where = f"graph.{name}"
+    if not isinstance(raw, dict):
+        return None, [Problem(where, "", "a node must be a mapping with at least a 'type'")]
+    problems: list[Problem] = []
+    if "type" not in raw:
+        problems.append(Problem(where, "type", "missing; every node needs a type"))
+    inputs = raw.get("inputs") or {}
+    if not isinstance(inputs, dict):
+        problems.append(Problem(where, "inputs", "must map forward-argument names to upstream nodes"))
+        inputs = {}
+    trainable = raw.get("trainable")
+    if trainable is not None and not isinstance(trainable, bool):
+        problems.append(Problem(where, "trainable", f"expected true or false, got {trainable!r}"))
+        trainable = None
+    adapters = raw.get("adapters") or []
+    if isinstance(adapters, dict):
+        adapters = [adapters]
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
+        problems.append(Problem(where, "adapters", "must be a list of mappings, each with a 'type'"))
+        adapters = []
+    params = {k: v for k, v in raw.items() if k not in NODE_RESERVED_KEYS}
+    spec = NodeSpec(name, str(raw.get("type", "")), dict(inputs), trainable, list(adapters), params)
+    return spec, problems
+
+
+def parse_recipe(raw: dict[str, Any], source: str) -> tuple[Recipe, list[Problem]]:
+    """Parse the structure of a recipe; semantic checks (types, signatures, widths) live in validate.py."""
+    problems: list[Problem] = []
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            problems.append(Problem(str(key), "", f"unknown top-level key; accepted: {', '.join(TOP_LEVEL_KEYS)}"))
+    graph = raw.get("graph")
+    nodes: dict[str, NodeSpec] = {}
+    if not isinstance(graph, dict) or not graph:
+        problems.append(Problem("graph", "", "missing or empty; it must map node names to nodes"))
+    else:
+        for name, node_raw in graph.items():
+            spec, node_problems = parse_node(str(name), node_raw)
+            problems.extend(node_problems)
+            if spec is not None:
+                nodes[str(name)] = spec
+    data = raw.get("data") or {}
+    if not isinstance(data, dict):
+        problems.append(Problem("data", "", "must be a mapping with a 'type'"))
+        data = {}
+    val_data = raw.get("val_data")
+    if val_data is not None and not isinstance(val_data, dict):
+        problems.append(Problem("val_data", "", "must be a mapping with a 'type'"))
+        val_data = None
+    train, train_problems = parse_train_config(raw.get("train"))
+    problems.extend(train_problems)
+    name = str(raw.get("name", "run"))
+    return Recipe(raw, source, name, nodes, data, val_data, train), problems
+
+
+def is_optional(annotation: Any) -> bool:
+    """True for `X | None` annotations."""
+    return isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)

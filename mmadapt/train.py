@@ -1,0 +1,281 @@
+"""The training loop: one readable loop over optimizer steps, on accelerate, resumable to the sample."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mmadapt.assemble import assemble
+from mmadapt.cache import FeatureCache
+from mmadapt.card import load_card_weights, save_card, write_card
+from mmadapt.checkpoint_io import atomic_dir, load_trainer_state, rng_state, save_trainer_state, set_rng_state
+from mmadapt.data import Collator, build_dataset
+from mmadapt.errors import DataError, TrainingError
+from mmadapt.graph import Plan
+from mmadapt.model import AssembledModel
+from mmadapt.spec import Recipe
+
+log = logging.getLogger("mmadapt.train")
+CHECKPOINTS = "checkpoints"
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, this rank's share of it, starting at a saved position."""
+
+    def __init__(self, size: int, seed: int, epoch: int, rank: int, world: int, start: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(size, generator=generator).tolist()
+        per_rank = size // world  # equal shares, so every rank takes the same number of steps
+        self.indices = order[rank * per_rank: (rank + 1) * per_rank][start:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def micro_batches(dataset: Dataset, collator: Collator, cfg: Any, rank: int, world: int, start: int) -> Iterator[tuple[int, dict | None]]:
+    """Yield (micro-steps consumed, batch) forever, epoch after epoch; `start` resumes mid-epoch."""
+    per_epoch = (len(dataset) // world) // cfg.batch_size
+    if per_epoch == 0:
+        raise DataError(f"the dataset has {len(dataset)} samples, fewer than one batch of {cfg.batch_size} per process")
+    consumed = start
+    while True:
+        epoch, offset = divmod(consumed, per_epoch)
+        sampler = EpochSampler(len(dataset), cfg.seed, epoch, rank, world, start=offset * cfg.batch_size)
+        # Its own generator, so creating a loader mid-run (on resume) draws nothing from the global RNG.
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, drop_last=True,
+                            num_workers=cfg.num_workers, generator=generator)
+        for batch in loader:
+            consumed += 1
+            yield consumed, batch
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete step checkpoint; temporary folders of an interrupted save are ignored."""
+    folder = out_dir / CHECKPOINTS
+    found = sorted(p for p in folder.glob("step-*") if p.is_dir() and (p / "trainer_state.pt").is_file()) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def summarize(model: AssembledModel) -> list[str]:
+    lines = []
+    for name, node in model.nodes.items():
+        total = sum(p.numel() for p in node.parameters())
+        trainable = sum(p.numel() for p in node.parameters() if p.requires_grad)
+        state = "trainable" if trainable == total else ("frozen" if trainable == 0 else "frozen + adapters")
+        grad = "" if model.needs_grad[name] else ", no autograd"
+        lines.append(f"{name}: {type(node).__name__}, {state} ({trainable:,} of {total:,} params{grad})")
+    return lines
+
+
+class Trainer:
+    """Owns the accelerator, the model, data, optimizer and the run directory of one training run."""
+
+    def __init__(self, recipe: Recipe, plan: Plan) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.recipe, self.cfg = recipe, recipe.train
+        self.accelerator = Accelerator(mixed_precision=PRECISION[self.cfg.precision], cpu=not torch.cuda.is_available())
+        set_seed(self.cfg.seed)
+        self.out_dir = Path(self.cfg.output_dir.format(name=recipe.name))
+        self.model = assemble(recipe, plan)
+        self.model.to(self.accelerator.device)
+        self.dataset = build_dataset(recipe.data)
+        self.val_dataset = build_dataset(recipe.val_data) if recipe.val_data else None
+        self.collator = Collator(self.model, self.cfg.max_text_tokens, self.cfg.skip_bad_samples)
+        self.cache = self._build_cache()
+        self.train_collator = Collator(self.model, self.cfg.max_text_tokens, self.cfg.skip_bad_samples, cache=self.cache)
+        params = list(self.model.trainable_parameters().values())
+        if not params:
+            raise TrainingError("nothing to train: no bridge or adapter has trainable tensors")
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        from transformers import get_cosine_schedule_with_warmup
+
+        # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, self.cfg.warmup_steps, self.cfg.steps)
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _build_cache(self) -> FeatureCache | None:
+        if not self.cfg.cache_frozen_features:
+            return None
+        nodes = self.model.cacheable_encoders()
+        if not nodes:
+            log.warning("cache_frozen_features is on, but no frozen encoder is fed by data alone; nothing to cache")
+            return None
+        cache = FeatureCache(self.cfg.cache_dir, self.model, nodes)
+        stats = cache.build(self.dataset, self.collator, self.cfg.batch_size, self.accelerator.process_index, self.accelerator.num_processes)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            log.info("feature cache %s: built %d, reused %d, skipped %d in %.1fs (%.0f bytes/sample)",
+                     ", ".join(nodes), stats.built, stats.reused, stats.skipped, stats.seconds, stats.bytes_per_sample)
+        return cache
+
+    # --- checkpoints ---
+    def save_checkpoint(self, step: int, consumed: int) -> None:
+        """Card + optimizer, scheduler, RNG and data position, written atomically by rank 0 only."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            final = self.out_dir / CHECKPOINTS / f"step-{step:07d}"
+            with atomic_dir(final) as tmp:
+                write_card(self.model, tmp)
+                state = {"step": step, "consumed": consumed, "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "history": self.history}
+                save_trainer_state(tmp, state)
+            old = sorted((self.out_dir / CHECKPOINTS).glob("step-*"))[: -self.cfg.keep_checkpoints or None]
+            for folder in old:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> tuple[int, int]:
+        folder = latest_checkpoint(self.out_dir)
+        if folder is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", self.out_dir / CHECKPOINTS)
+            return 0, 0
+        load_card_weights(self.model, folder)
+        state = load_trainer_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        if self.is_main:
+            log.info("resumed from %s at step %d", folder, state["step"])
+        return int(state["step"]), int(state["consumed"])
+
+    # --- the loop ---
+    def train(self, resume: bool = False) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for line in summarize(self.model):
+                log.info(line)
+        step, consumed = self.resume() if resume else (0, 0)
+        if self.is_main:  # on resume, lines past the checkpoint belong to lost steps: rewrite from its history
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        data = micro_batches(self.dataset, self.train_collator, cfg, acc.process_index, acc.num_processes, consumed)
+        global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        self.model.train()
+        while step < cfg.steps:
+            started = time.perf_counter()
+            losses = []
+            for micro in range(cfg.grad_accum):
+                consumed, batch = next(data)
+                while batch is None:  # every sample of this batch was bad and skipped
+                    consumed, batch = next(data)
+                batch = _to_device(batch, acc.device)
+                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.wrapped)
+                with sync:
+                    loss = self.wrapped(batch)["loss"]  # (,) mean over target tokens
+                    acc.backward(loss / cfg.grad_accum)
+                losses.append(loss.detach())
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.trainable_parameters().values(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            if not math.isfinite(loss_value):
+                last = latest_checkpoint(self.out_dir)
+                raise TrainingError(f"step {step}: the loss is {loss_value}; training stopped. Last good checkpoint: {last or 'none (no checkpoint was saved yet)'}")
+            record = {"step": step, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                      "samples_per_s": global_batch / (time.perf_counter() - started), "consumed": consumed}
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                self.evaluate(step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                self.save_checkpoint(step, consumed)
+        bar.close()
+        self.evaluate(step)
+        self.save_checkpoint(step, consumed)
+        card_dir = self.out_dir / "card"
+        if self.is_main:
+            save_card(self.model, card_dir)
+            self._plot()
+            if self.train_collator.bad_samples or self.collator.bad_samples:
+                log.warning("skipped %d bad samples; first: %s", len(self.train_collator.bad_samples) + len(self.collator.bad_samples),
+                            (self.train_collator.bad_samples or self.collator.bad_samples)[0])
+            log.info("card written to %s", card_dir)
+        acc.wait_for_everyone()
+        return card_dir
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.is_main:
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> None:
+        """Validation loss over the val data, and a few generations; rank 0 only."""
+        if self.val_dataset is None or not self.is_main:
+            return
+        self.model.eval()
+        losses, examples = [], []
+        loader = DataLoader(self.val_dataset, batch_size=self.cfg.batch_size, collate_fn=self.collator)
+        for batch in loader:
+            if batch is None:
+                continue
+            batch = _to_device(batch, self.accelerator.device)
+            with self.accelerator.autocast():
+                losses.append(self.model(batch)["loss"].item() * batch["size"])
+            if len(examples) < self.cfg.eval_generations:
+                count = self.cfg.eval_generations - len(examples)
+                texts = self.model.generate(batch, batch["prompts"], max_new_tokens=self.cfg.max_new_tokens)
+                examples += [{"reference": r, "generated": g} for r, g in zip(batch["texts"][:count], texts[:count])]
+        self.model.train()
+        record = {"step": step, "val_loss": sum(losses) / max(1, len(self.val_dataset)), "examples": examples}
+        self._log(record)
+        log.info("step %d: val_loss %.4f; e.g. %s", step, record["val_loss"], examples[:2])
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*train), label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", label="val loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.recipe.name)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out_dir / "loss.png", dpi=100)
+        plt.close(fig)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    moved = dict(batch)
+    moved["node_inputs"] = {n: {p: t.to(device) for p, t in ports.items()} for n, ports in batch["node_inputs"].items()}
+    if "precomputed" in batch:
+        moved["precomputed"] = {n: t.to(device) for n, t in batch["precomputed"].items()}
+    return moved
