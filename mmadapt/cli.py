@@ -19,7 +19,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     recipe, plan = load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: ok ({len(recipe.nodes)} nodes: {' -> '.join(plan.order)})")
     for name, dims in plan.bridge_dims.items():
-        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in dims.items()))
+        print(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in dims.items()) or "widths decided at load"))
     for note in plan.notes:
         print(f"  note: {note}")
     return 0

@@ -59,11 +59,19 @@ class AssembledModel(nn.Module):
         return {f"{n}.{k}": p for n, m in self.nodes.items() for k, p in m.named_parameters() if p.requires_grad}
 
     def train(self, mode: bool = True) -> AssembledModel:
-        """Only nodes that own trainable tensors change mode; frozen ones stay in eval (no dropout, fixed norms)."""
+        """Trainable nodes change mode; frozen ones stay in eval (no dropout), their adapter layers excepted."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         super().train(False)
-        for name, node in self.nodes.items():
-            if any(p.requires_grad for p in node.parameters()):
+        for node in self.nodes.values():
+            params = list(node.parameters())
+            if params and all(p.requires_grad for p in params):
                 node.train(mode)
+                continue
+            for module in node.modules():
+                if isinstance(module, BaseTunerLayer):  # LoRA's own dropout follows the training mode
+                    module.train(mode)
+                    module.base_layer.eval()
         return self
 
     # --- execution ---
