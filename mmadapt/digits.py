@@ -77,6 +77,7 @@ class DigitsCaptions(Dataset):
         self.style, self.template, self.prompt = style, template, prompt
         format_sample(template, "", "")
         self.rng = random.Random()  # reseeded from the global RNG state each draw so resume repeats it
+        load_digits_arrays()  # import sklearn now: its first import draws from the global RNG
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -85,9 +86,9 @@ class DigitsCaptions(Dataset):
         return int(load_digits_arrays()[1][self.indices[position]])
 
     def __getitem__(self, position: int) -> dict[str, Any]:
+        self.rng.seed(random.getrandbits(64))
         images, labels = load_digits_arrays()
         index = self.indices[position]
-        self.rng.seed(random.getrandbits(64))
         text = caption_for(int(labels[index]), self.style, self.rng)
         prompt, target = format_sample(self.template, text, self.prompt)
         key = hashlib.sha1(b"sklearn-digits" + images[index].tobytes()).hexdigest()

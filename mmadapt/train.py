@@ -168,6 +168,10 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for line in summarize(self.model):
                 log.info(line)
+        if not resume:  # seed here, not only at start-up: imports and set-up may draw from the RNGs
+            from accelerate.utils import set_seed
+
+            set_seed(cfg.seed)
         step, consumed = self.resume() if resume else (0, 0)
         if self.is_main:  # on resume, lines past the checkpoint belong to lost steps: rewrite from its history
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))

@@ -1,0 +1,1 @@
+"""Gradio demos (filled by a later issue)."""

@@ -1,0 +1,88 @@
+"""Cards load only where they fit, say what differs otherwise, and export LoRA in peft's own layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import batch_for, build, tiny_recipe
+from mmadapt.card import load_card_weights, save_card
+from mmadapt.errors import CardError
+
+
+@pytest.fixture(scope="module")
+def lora_card(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    torch.manual_seed(0)
+    model = build(tiny_recipe("lora"))
+    with torch.no_grad():
+        for param in model.trainable_parameters().values():
+            param.add_(torch.randn_like(param) * 0.1)
+    folder = tmp_path_factory.mktemp("cards") / "card"
+    save_card(model, folder)
+    return model, folder
+
+
+def test_card_metadata_records_bases_widths_and_counts(lora_card: tuple[object, Path]) -> None:
+    model, folder = lora_card
+    meta = json.loads((folder / "card.json").read_text())
+    assert set(meta["bases"]) == {"vision", "llm"} and meta["bases"]["llm"]["config_hash"]
+    assert meta["widths"]["proj"] == {"output": 48, "input": 32}
+    assert meta["trainable_parameters"] == sum(p.numel() for p in model.trainable_parameters().values())
+    assert meta["libraries"]["torch"] == torch.__version__.split("+")[0] or meta["libraries"]["torch"].startswith(torch.__version__[:4])
+    assert "in_dim: 32" in (folder / "recipe.yaml").read_text()  # the resolved recipe spells out inferred widths
+
+
+def test_card_on_a_different_base_says_what_differs(lora_card: tuple[object, Path]) -> None:
+    _, folder = lora_card
+    raw = tiny_recipe("lora")
+    raw["graph"]["llm"]["config"]["num_hidden_layers"] = 3
+    other = build(raw)
+    with pytest.raises(CardError, match=r"graph.llm: the card was trained on inline-config \(config \w+\), this graph has inline-config \(config \w+\)"):
+        load_card_weights(other, folder)
+
+
+def test_card_on_different_bridge_widths_names_the_tensors(lora_card: tuple[object, Path]) -> None:
+    _, folder = lora_card
+    raw = tiny_recipe("lora")
+    raw["graph"]["proj"]["hidden_dim"] = 20
+    with pytest.raises(CardError, match=r"proj.mlp.0.weight: shape \(40, 32\) in the card, \(20, 32\) here"):
+        load_card_weights(build(raw), folder, check_bases=False)
+
+
+def test_not_a_card_is_named(tmp_path: Path) -> None:
+    from mmadapt.inference import load_card
+
+    with pytest.raises(CardError, match="no such card folder"):
+        load_card(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CardError, match="not a bridge card"):
+        load_card(tmp_path / "empty")
+
+
+def test_lora_export_loads_with_stock_peft_and_alpha_survives(lora_card: tuple[object, Path]) -> None:
+    from peft import PeftModel
+
+    model, folder = lora_card
+    config = json.loads((folder / "peft" / "llm" / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 8 and config["r"] == 4
+    fresh = build(tiny_recipe("lora")).nodes["llm"]  # same seed, same random base; LoRA re-initialised
+    base = type(fresh.model)(fresh.model.config).eval()
+    base.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.nodes["llm"].model.state_dict().items() if "lora_" not in k})
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        expected = model.nodes["llm"].model(input_ids=ids).logits
+        assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # the LoRA does change the output
+        peft_model = PeftModel.from_pretrained(base, str(folder / "peft" / "llm")).eval()
+        assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_card_round_trip_keeps_generation(lora_card: tuple[object, Path]) -> None:
+    from mmadapt.inference import load_card
+
+    model, folder = lora_card
+    reloaded = load_card(folder)
+    model.eval()
+    batch = batch_for(model, 3, split="test")
+    assert reloaded.generate(batch, batch["prompts"], max_new_tokens=5) == model.generate(batch, batch["prompts"], max_new_tokens=5)

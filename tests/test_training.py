@@ -1,0 +1,174 @@
+"""The training loop: exact resume, cache equivalence and invalidation, atomic saves, NaN stops, bad data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_recipe
+from mmadapt.errors import DataError, TrainingError
+from mmadapt.train import Trainer, latest_checkpoint
+from mmadapt.validate import check_recipe
+
+
+def trainer_for(raw: dict) -> Trainer:
+    recipe, plan = check_recipe(raw, "test")
+    return Trainer(recipe, plan)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = {"steps": 6, "save_every": 2, "grad_accum": 2, "cache_dir": str(tmp_path / "cache")}
+    whole = tiny_recipe("qformer", output_dir=str(tmp_path / "whole"), **settings)
+    whole["data"]["style"] = "varied"  # captions drawn from the RNG: resume must restore it
+    trainer_for(whole).train()
+    split = dict(whole, train=dict(whole["train"], output_dir=str(tmp_path / "split")))
+    original_log = Trainer._log
+
+    def log_then_die(self: Trainer, record: dict) -> None:
+        original_log(self, record)
+        if record.get("step") == 5 and "loss" in record:
+            raise Interrupt  # killed after step 5, whose checkpoint (step 4) is the last one on disk
+
+    monkeypatch.setattr(Trainer, "_log", log_then_die)
+    with pytest.raises(Interrupt):
+        trainer_for(split).train()
+    monkeypatch.setattr(Trainer, "_log", original_log)
+    assert latest_checkpoint(tmp_path / "split").name == "step-0000004"
+    trainer_for(split).train(resume=True)
+    expected, resumed = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
+    whole_card = (tmp_path / "whole" / "card" / "bridge.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "whole" / "card" / "bridge.safetensors")), load_file(str(tmp_path / "split" / "card" / "bridge.safetensors"))
+    assert whole_card and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert (tmp_path / "whole" / "loss.png").stat().st_size > 1000
+    assert len(list((tmp_path / "whole" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+
+def test_cache_gives_the_same_losses_and_is_reused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base = tiny_recipe("mlp_projector", steps=4, cache_dir=str(tmp_path / "cache"))
+    base["data"]["style"] = "fixed"
+    without = dict(base, train=dict(base["train"], output_dir=str(tmp_path / "plain")))
+    with_cache = dict(base, train=dict(base["train"], output_dir=str(tmp_path / "cached"), cache_frozen_features=True))
+    trainer_for(without).train()
+    first = trainer_for(with_cache)
+    assert first.cache is not None and first.cache.nodes == ["vision"]
+    entries = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(entries) == 32  # one per training sample
+    first.train()
+    for step, loss in losses(tmp_path / "plain").items():
+        assert losses(tmp_path / "cached")[step] == pytest.approx(loss, abs=1e-5)
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="mmadapt.train"):
+        trainer_for(with_cache)
+    assert "built 0, reused 32" in caplog.text
+
+
+def test_cache_key_changes_with_layer_weights_and_file(tmp_path: Path) -> None:
+    from mmadapt.cache import FeatureCache
+    from conftest import build
+
+    raw = tiny_recipe("mlp_projector")
+    digests = set()
+    for layer, seed in ((-2, 0), (-1, 0), (-2, 1)):
+        raw["graph"]["vision"].update(layer=layer, seed=seed)
+        model = build(raw)
+        digests.add(FeatureCache(tmp_path, model, ["vision"]).dirs["vision"].name)
+    assert len(digests) == 3  # a different layer or different weights is a different cache
+    from mmadapt.data import file_key
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), "white").save(image)
+    before = file_key(image)
+    Image.new("RGB", (8, 8), "black").save(image)
+    assert file_key(image) != before  # same path, new content: a new entry
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmadapt.card as card_module
+
+    raw = tiny_recipe("linear_projector", steps=4, save_every=2, output_dir=str(tmp_path / "run"))
+    trainer = trainer_for(raw)
+    original = card_module.save_file
+    calls = {"n": 0}
+
+    def failing_save(*args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-written
+            raise OSError("disk full")
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(card_module, "save_file", failing_save)
+    with pytest.raises(OSError):
+        trainer.train()
+    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert folders == ["step-0000002"]  # no half-written folder is left, the previous one is intact
+    monkeypatch.setattr(card_module, "save_file", original)
+    resumed = trainer_for(raw)
+    assert resumed.resume()[0] == 2
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tiny_recipe("linear_projector", steps=5, save_every=2, output_dir=str(tmp_path / "run"))
+    trainer = trainer_for(raw)
+    decoder = trainer.model.decoder
+    original = type(decoder).forward
+    calls = {"n": 0}
+
+    def poisoned(self: object, *args: object, **kwargs: object) -> dict:
+        calls["n"] += 1
+        out = original(self, *args, **kwargs)
+        return dict(out, loss=out["loss"] * float("nan")) if calls["n"] == 3 else out
+
+    monkeypatch.setattr(type(decoder), "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"step 3: the loss is nan; training stopped. Last good checkpoint: .*step-0000002"):
+        trainer.train()
+
+
+def test_bad_images_are_skipped_and_counted_or_fail_fast(tmp_path: Path) -> None:
+    rows = []
+    for index in range(9):
+        path = tmp_path / f"img{index}.png"
+        if index == 4:
+            path.write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (16, 16), (index * 20, 0, 0)).save(path)
+        rows.append({"image": path.name, "text": f"a picture number {index}"})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    raw = tiny_recipe("linear_projector", steps=3, batch_size=3, output_dir=str(tmp_path / "run"))
+    raw["data"] = {"type": "image_captions", "path": str(tmp_path / "data.jsonl")}
+    raw.pop("val_data")
+    trainer = trainer_for(raw)
+    trainer.train()
+    assert len(trainer.train_collator.bad_samples) >= 1
+    assert "img4.png: not a readable image" in trainer.train_collator.bad_samples[0]
+    raw["train"]["skip_bad_samples"] = False
+    with pytest.raises(DataError, match="img4.png: not a readable image"):
+        trainer_for(raw).train()
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path: Path) -> None:
+    from mmadapt.data import ImageCaptionDataset
+
+    (tmp_path / "d.jsonl").write_text('{"image": "a.png", "text": "x"}\n{"image": "b.png"\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
+        ImageCaptionDataset(str(tmp_path / "d.jsonl"))
+    (tmp_path / "d.csv").write_text("image,caption\na.png,x\n")
+    with pytest.raises(DataError, match=r"d.csv:2: each row needs 'image' and 'text'"):
+        ImageCaptionDataset(str(tmp_path / "d.csv"))
