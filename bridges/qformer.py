@@ -30,6 +30,7 @@ class QFormer(Bridge):
         num_heads: int = 12,
         intermediate_size: int | None = None,  # defaults to 4 * hidden_size
         cross_attention_every: int = 2,  # BLIP-2 cross-attends in every 2nd layer
+        dropout: float = 0.1,  # BLIP-2's attention and hidden dropout; tiny bridges learn faster without
         init_from: str | None = None,  # folder or hub id of a BLIP-2 checkpoint to start from
     ) -> None:
         super().__init__()
@@ -43,6 +44,8 @@ class QFormer(Bridge):
             intermediate_size=intermediate_size or 4 * hidden_size,
             cross_attention_frequency=cross_attention_every,
             encoder_hidden_size=in_dim,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
         )
         self.query_tokens = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)  # zeros would stall layer 1
         self.qformer = Blip2QFormerModel(config)

@@ -43,8 +43,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe, plan = load_recipe(args.recipe, args.overrides)
     for note in plan.notes:
         logging.getLogger("mmadapt").info(note)
-    card = Trainer(recipe, plan).train(resume=args.resume)
+    trainer = Trainer(recipe, plan)
+    card = trainer.train(resume=args.resume)
     print(f"card: {card}")
+    if recipe.data.get("type") == "digits_captions" and trainer.is_main:
+        report_digits(trainer.model, card, grid=None)
+    return 0
+
+
+def report_digits(model: Any, card: Any, grid: str | None, limit: int | None = None) -> None:
+    """Evaluate a digits card on the test split, print the figures and keep them beside the card."""
+    import json
+    from pathlib import Path
+
+    from mmadapt.evaluate import caption_grid, evaluate_digits
+
+    figures = evaluate_digits(model, limit=limit)
+    captions = figures.pop("captions")
+    print(f"test samples: {figures['samples']}")
+    print(f"caption accuracy: {figures['caption_accuracy']:.3f}")
+    for question, value in figures["zero_shot"].items():
+        print(f"zero-shot '{question}': {value:.3f} (caption-then-answer pipeline: {figures['caption_then_answer'][question]:.3f})")
+    print(f"CIDEr: {figures['cider']:.3f}")
+    for example in figures["examples"]:
+        print(f"  e.g. {example}")
+    if limit is None:
+        (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
+    if grid:
+        caption_grid(model, captions, Path(grid))
+        print(f"grid: {grid}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mmadapt.errors import MMAdaptError
+    from mmadapt.inference import load_card
+
+    model = load_card(args.card)
+    if model.recipe.data.get("type") != "digits_captions":
+        raise MMAdaptError(f"{args.card}: eval measures digits cards (data type digits_captions); this card trained on {model.recipe.data.get('type')}")
+    report_digits(model, args.card, grid=args.grid, limit=args.limit)
     return 0
 
 
@@ -84,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.set_defaults(handler=cmd_generate)
+    evaluate = sub.add_parser("eval", help="caption accuracy, zero-shot QA and CIDEr of a digits card on the test split")
+    evaluate.add_argument("card", help="a bridge card folder")
+    evaluate.add_argument("--grid", help="also write a PNG grid of test digits with their captions")
+    evaluate.add_argument("--limit", type=int, help="only the first N test samples (quick checks)")
+    evaluate.set_defaults(handler=cmd_eval)
     return parser
 
 

@@ -179,7 +179,8 @@ class Trainer:
         global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        # A bar on a terminal; in a log file (no TTY) the periodic INFO lines below stand in for it.
+        bar = tqdm(total=cfg.steps, initial=step, disable=None if self.is_main else True, desc="train", dynamic_ncols=True)
         self.model.train()
         while step < cfg.steps:
             started = time.perf_counter()
@@ -209,6 +210,8 @@ class Trainer:
             self._log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            if bar.disable and self.is_main and (step % cfg.log_every == 0 or step == 1):
+                log.info("step %d/%d: loss %.4f, %.1f samples/s", step, cfg.steps, loss_value, record["samples_per_s"])
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 self.evaluate(step)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:

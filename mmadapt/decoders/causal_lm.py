@@ -13,6 +13,11 @@ from mmadapt.zoo import resolve_checkpoint
 
 IGNORE_INDEX = -100  # label value the HF loss skips: prompt, prefix and padding positions
 
+# How bridge outputs enter the LM: as input embeddings (width = hidden size), or as a distribution over the
+# vocabulary (width = vocabulary size) whose expected token embedding is fed in, keeping every prefix
+# token inside the span of real word embeddings, the region the frozen LM was trained on.
+PREFIX_KINDS = ("embeddings", "token_distribution")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,6 +52,8 @@ class CausalLM(Decoder):
         dtype: str = "float32",  # weights dtype of the frozen LM: float32, bfloat16 or float16
         attn_implementation: str = "sdpa",  # transformers attention backend
         seed: int = 0,  # init seed for config-built random weights, so a card can rebuild them
+        prefix_after_bos: bool = False,  # [bos][prefix][text] (LLaVA) instead of [prefix][bos][text] (BLIP-2)
+        prefix_as: str = "embeddings",  # or "token_distribution": the bridge emits vocabulary logits per token
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
@@ -54,6 +61,10 @@ class CausalLM(Decoder):
         if dtype not in DTYPES:
             raise MMAdaptError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.source = checkpoint or "inline-config"
+        self.prefix_after_bos = prefix_after_bos
+        if prefix_as not in PREFIX_KINDS:
+            raise MMAdaptError(f"prefix_as must be one of {', '.join(PREFIX_KINDS)}, got {prefix_as!r}")
+        self.prefix_as = prefix_as
         self.config = read_config(checkpoint, config)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -77,10 +88,21 @@ class CausalLM(Decoder):
 
     @classmethod
     def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
-        return {"prefix_embeds": input_width(read_config(params.get("checkpoint"), params.get("config")))}
+        config = read_config(params.get("checkpoint"), params.get("config"))
+        if params.get("prefix_as") == "token_distribution":
+            return {"prefix_embeds": int(config.get_text_config().vocab_size)}
+        return {"prefix_embeds": input_width(config)}
 
     def widths(self) -> dict[str, int]:
-        return {"prefix_embeds": self.embed_dim}
+        width = self.model.get_input_embeddings().num_embeddings if self.prefix_as == "token_distribution" else self.embed_dim
+        return {"prefix_embeds": width}
+
+    def prefix_to_embeddings(self, prefix: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) embeddings as they are, or (B, P, V) logits -> expected token embeddings (B, P, D)."""
+        table = self.model.get_input_embeddings().weight  # (V, D)
+        if self.prefix_as == "token_distribution":
+            return torch.softmax(prefix.float(), dim=-1).to(table.dtype) @ table
+        return prefix.to(table.dtype)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "config_hash": config_hash(self.config.to_dict())}
@@ -99,6 +121,10 @@ class CausalLM(Decoder):
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_tokens]
         return ids, labels
 
+    def _prefix_position(self) -> int:
+        """Where the prefix goes in the token sequence: after the leading bos, or first."""
+        return 1 if self.prefix_after_bos and self.bos_id is not None else 0
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
@@ -115,11 +141,13 @@ class CausalLM(Decoder):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prefix_embeds is not None:
+            at = self._prefix_position()
             batch, prefix_len = prefix_embeds.shape[:2]
-            embeds = torch.cat([prefix_embeds.to(embeds.dtype), embeds], dim=1)  # (B, P + T, D)
+            prefix = self.prefix_to_embeddings(prefix_embeds)
+            embeds = torch.cat([embeds[:, :at], prefix, embeds[:, at:]], dim=1)  # (B, P + T, D)
             attention_mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=1)
             if labels is not None:
-                labels = torch.cat([labels.new_full((batch, prefix_len), IGNORE_INDEX), labels], dim=1)
+                labels = torch.cat([labels[:, :at], labels.new_full((batch, prefix_len), IGNORE_INDEX), labels[:, at:]], dim=1)
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
         return {"loss": out.loss, "logits": out.logits}
 
@@ -135,11 +163,13 @@ class CausalLM(Decoder):
     ) -> list[str]:
         """Left-pad [prefix][bos prompt] per sample, so no padding sits between prefix and prompt."""
         rows = []
+        prefix_embeds = None if prefix_embeds is None else self.prefix_to_embeddings(prefix_embeds)
         for index, prompt in enumerate(prompts):
             ids = torch.tensor(self.encode_prompt(prompt), dtype=torch.long, device=self.model.device)
             row = self.embed(ids)  # (T_i, D)
             if prefix_embeds is not None:
-                row = torch.cat([prefix_embeds[index].to(row.dtype), row], dim=0)  # (P + T_i, D)
+                at = self._prefix_position()
+                row = torch.cat([row[:at], prefix_embeds[index], row[at:]], dim=0)  # (P + T_i, D)
             rows.append(row)
         length = max(r.shape[0] for r in rows)
         pad = self.embed(torch.tensor([self.pad_id], device=self.model.device))[0]

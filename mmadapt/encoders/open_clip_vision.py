@@ -49,6 +49,7 @@ class OpenCLIPVision(ImageEncoder):
         feature: str = "patch",  # patch tokens (B, N, width) or the pooled embedding (B, 1, embed_dim)
         keep_cls: bool = False,  # keep the class token in front of the patch tokens
         seed: int = 0,  # init seed for config-built random weights, so a card can rebuild them
+        load_weights: bool = True,  # false: the checkpoint's architecture with random weights (a control run)
     ) -> None:
         super().__init__()
         import open_clip
@@ -56,14 +57,14 @@ class OpenCLIPVision(ImageEncoder):
         self._init_features(layer, feature)
         self.keep_cls = keep_cls
         self.model_config = _model_config(checkpoint, model, config)
-        self.source = checkpoint or model or "inline-config"
+        self.source = (checkpoint or model or "inline-config") + ("" if load_weights else " (random weights)")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if checkpoint is not None:
                 name = "local-dir:" + resolve_checkpoint(checkpoint)
-                clip, _, self.transform = open_clip.create_model_and_transforms(name)
+                clip, _, self.transform = open_clip.create_model_and_transforms(name, load_weights=load_weights)
             elif model is not None:
-                clip, _, self.transform = open_clip.create_model_and_transforms(model, pretrained=pretrained)
+                clip, _, self.transform = open_clip.create_model_and_transforms(model, pretrained=pretrained, load_weights=load_weights)
             else:
                 clip = open_clip.model.CLIP(**config)  # type: ignore[arg-type]
                 self.transform = open_clip.image_transform(clip.visual.image_size, is_train=False)

@@ -1,0 +1,110 @@
+"""`mmadapt eval`: caption accuracy, zero-shot QA, CIDEr and examples of a digits card on the test split."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmadapt.data import Collator, format_sample
+from mmadapt.digits import CAPTION_FORMATS, WORDS, DigitsCaptions
+from mmadapt.errors import MMAdaptError
+from mmadapt.model import AssembledModel
+
+# Asked zero-shot: the bridge only ever trained on captions. Answers are first words.
+ZERO_SHOT = {
+    "Is it even?": lambda d: "yes" if d % 2 == 0 else "no",
+    "What is it plus one?": lambda d: (WORDS + ("ten",))[d + 1],
+}
+DIGIT_PATTERN = re.compile(r"\b(" + "|".join(WORDS) + r"|[0-9])\b")
+
+
+def named_digit(text: str) -> int | None:
+    """The one digit a caption names (as a word or numeral), or None if it names none or several."""
+    found = {int(m) if m.isdigit() else WORDS.index(m) for m in DIGIT_PATTERN.findall(text.lower())}
+    return found.pop() if len(found) == 1 else None
+
+
+def first_word(text: str) -> str:
+    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
+    return words[0] if words else ""
+
+
+def question_prompt(question: str) -> str:
+    return format_sample("instruction", "", question)[0]
+
+
+def cider(references: dict[int, list[str]], generated: dict[int, str]) -> float:
+    """CIDEr-D from pycocoevalcap, with its input contract checked here so a bad input gets a message."""
+    from pycocoevalcap.cider.cider import Cider
+
+    if set(references) != set(generated) or not generated:
+        raise MMAdaptError("CIDEr needs one generated caption for every sample with references")
+    clean = lambda t: " ".join(re.sub(r"[^a-z0-9 ]", " ", t.lower()).split()) or "empty"  # noqa: E731
+    score, _ = Cider().compute_score({k: [clean(r) for r in v] for k, v in references.items()}, {k: [clean(v)] for k, v in generated.items()})
+    return float(score)
+
+
+def _generate(model: AssembledModel, samples: list[dict[str, Any]], prompt: str, max_new_tokens: int) -> list[str]:
+    for sample in samples:
+        sample["prompt"] = prompt
+    batch = Collator(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)(samples)
+    assert batch is not None
+    device = next(model.parameters()).device
+    batch["node_inputs"] = {n: {p: t.to(device) for p, t in ports.items()} for n, ports in batch["node_inputs"].items()}
+    return model.generate(batch, [prompt] * len(samples), max_new_tokens=max_new_tokens)
+
+
+@torch.no_grad()
+def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | None = None, batch_size: int = 100,
+                    max_new_tokens: int = 8) -> dict[str, Any]:
+    """Every figure of the README table for one card."""
+    model.eval()
+    dataset = DigitsCaptions(split=split, style="fixed", limit=limit)
+    labels = [dataset.label(i) for i in range(len(dataset))]
+    captions: list[str] = []
+    answers: dict[str, list[str]] = {q: [] for q in ZERO_SHOT}
+    for offset in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(offset, min(offset + batch_size, len(dataset)))]
+        captions += _generate(model, samples, "", max_new_tokens)
+        for question in ZERO_SHOT:
+            answers[question] += _generate(model, samples, question_prompt(question), 4)
+    decoder = model.decoder
+    pipeline = {q: [] for q in ZERO_SHOT}
+    for question in ZERO_SHOT:  # the contrast: feed the generated caption back as text
+        prompts = [f"{c.rstrip('.')}. {question_prompt(question)}" for c in captions]
+        for offset in range(0, len(prompts), batch_size):
+            pipeline[question] += decoder.generate(None, prompts[offset: offset + batch_size], max_new_tokens=4)
+    references = {i: [f.format(word=WORDS[d], number=d) for f in CAPTION_FORMATS] for i, d in enumerate(labels)}
+    accuracy = lambda got, want: sum(a == b for a, b in zip(got, want)) / len(want)  # noqa: E731
+    return {
+        "samples": len(dataset),
+        "caption_accuracy": accuracy([named_digit(c) for c in captions], labels),
+        "zero_shot": {q: accuracy([first_word(a) for a in answers[q]], [f(d) for d in labels]) for q, f in ZERO_SHOT.items()},
+        "caption_then_answer": {q: accuracy([first_word(a) for a in pipeline[q]], [f(d) for d in labels]) for q, f in ZERO_SHOT.items()},
+        "cider": cider(references, dict(enumerate(captions))),
+        "examples": [{"label": d, "caption": c, **{q: answers[q][i] for q in ZERO_SHOT}} for i, (d, c) in enumerate(zip(labels[:6], captions[:6]))],
+        "captions": captions,
+    }
+
+
+def caption_grid(model: AssembledModel, captions: list[str], path: Path, count: int = 16, split: str = "test") -> None:
+    """A grid of test digits with their generated captions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dataset = DigitsCaptions(split=split, style="fixed")
+    columns = 4
+    rows = (count + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 2.6))
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < min(count, len(captions)):
+            ax.imshow(dataset[i]["image"], interpolation="nearest")
+            ax.set_title(captions[i], fontsize=8, wrap=True, color="green" if named_digit(captions[i]) == dataset.label(i) else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
