@@ -63,11 +63,13 @@ def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | Non
     model.eval()
     dataset = DigitsCaptions(split=split, style="fixed", limit=limit)
     labels = [dataset.label(i) for i in range(len(dataset))]
+    data = model.recipe.data  # captions are asked for the way the bridge was trained: its template and prompt
+    caption_prompt = format_sample(data.get("template", "caption"), "", data.get("prompt", ""))[0]
     captions: list[str] = []
     answers: dict[str, list[str]] = {q: [] for q in ZERO_SHOT}
     for offset in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(offset, min(offset + batch_size, len(dataset)))]
-        captions += _generate(model, samples, "", max_new_tokens)
+        captions += _generate(model, samples, caption_prompt, max_new_tokens)
         for question in ZERO_SHOT:
             answers[question] += _generate(model, samples, question_prompt(question), 4)
     decoder = model.decoder

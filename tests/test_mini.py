@@ -16,8 +16,8 @@ RECIPE = REPO / "recipes" / "mini" / "qformer.yaml"
 # Measured on 2 CPU cores with these overrides (see the README): the floors sit well below the
 # measured figures and far above chance (10% for naming the digit).
 STEPS = 150
-CAPTION_FLOOR = 0.70
-RANDOM_TOWER_CEILING = 0.40
+CAPTION_FLOOR = 0.80  # measured 0.95 (100 test digits, 150 steps)
+RANDOM_TOWER_CEILING = 0.30  # measured 0.06 with load_weights=false
 
 
 def train_mini(tmp_path: Path, *extra: str) -> dict:

@@ -13,7 +13,6 @@ from mmadapt.digits import CAPTION_FORMATS, WORDS
 NUMBER_WORDS = WORDS + ("ten", "eleven")
 # Sentences that say which digit a picture shows. The bridge learns to stand in for one of them.
 CONTEXTS = (
-    "{word}",  # a bare word: a one-token context that a one-token bridge can stand in for exactly
     "The picture shows a {word}.",
     "This image is a {word}.",
     "A scan of the digit {number}.",
@@ -45,13 +44,18 @@ def context_sentences(digit: int, held_out: bool = False) -> list[str]:
     return [c.format(word=WORDS[digit], number=digit) for c in forms] + captions
 
 
+# Answered with a caption: the instruction a bridge is trained on, so captions and questions share one path.
+DESCRIBE = "What does it show?"
+
+
 def documents(held_out: bool = False) -> list[tuple[str, str]]:
     """(context, continuation) pairs: a context naming a digit, then a caption or a question and its answer."""
     docs = []
     for digit in range(10):
         captions = [c.format(word=WORDS[digit], number=digit) for c in CAPTION_FORMATS]
         qa = [f"{question_prompt(q)} {answer(digit)}." for q, answer in QUESTIONS.items()]
-        docs += [(ctx, rest) for ctx in context_sentences(digit, held_out) for rest in captions + qa]
+        described = [f"{question_prompt(DESCRIBE)} {caption}" for caption in captions]
+        docs += [(ctx, rest) for ctx in context_sentences(digit, held_out) for rest in captions + qa + described]
     return docs
 
 
@@ -104,8 +108,8 @@ def qa_accuracy(model: Any, tokenizer: Any, held_out: bool) -> dict[str, float]:
     return figures
 
 
-def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64, lr: float = 3e-3,
-          context_noise: float = 0.5) -> dict[str, Any]:
+def train(out_dir: Path, seed: int = 0, steps: int = 4000, batch_size: int = 64, lr: float = 3e-3,
+          context_noise: float = 0.0) -> dict[str, Any]:
     """Train from scratch on text alone and save with save_pretrained; returns the quality figures."""
     from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
@@ -133,10 +137,8 @@ def train(out_dir: Path, seed: int = 0, steps: int = 2500, batch_size: int = 64,
             labels[row, 1: len(ids)] = torch.tensor(ids[1:])  # the whole text is learned, context included
             in_context[row, 1:context_end] = 1.0
         embeds = model.get_input_embeddings()(input_ids)  # (B, T, D)
-        # Noise on the context's embeddings teaches the LM to read a digit from near its word's embedding,
-        # which is where a bridge's soft tokens land; the text itself stays plain text.
-        noise = torch.randn_like(embeds) * context_noise * embeds.detach().std()
-        embeds = embeds + noise * in_context
+        if context_noise:  # an option tried for zero-shot transfer; at 0.5 the LM failed to learn parity
+            embeds = embeds + torch.randn_like(embeds) * context_noise * embeds.detach().std() * in_context
         loss = model(inputs_embeds=embeds, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
