@@ -5,8 +5,9 @@ import functools
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -17,6 +18,16 @@ from mmadapt.errors import DataError
 
 SPLIT_FILE = Path(__file__).resolve().parent / "digits_split.json"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBER_WORDS = WORDS + ("ten", "eleven")
+# Questions about a digit and their one-word answers: the LM learns them from text, bridges are asked them zero-shot.
+QUESTIONS: dict[str, Callable[[int], str]] = {
+    "Is it even?": lambda d: "yes" if d % 2 == 0 else "no",
+    "Is it odd?": lambda d: "yes" if d % 2 else "no",
+    "What is it plus one?": lambda d: NUMBER_WORDS[d + 1],
+    "What is it plus two?": lambda d: NUMBER_WORDS[d + 2],
+    "Is it bigger than five?": lambda d: "yes" if d > 5 else "no",
+    "What number is it?": lambda d: NUMBER_WORDS[d],
+}
 CAPTION_FORMATS = (
     "a handwritten {word}",
     "the digit {number}",
@@ -52,6 +63,17 @@ def digit_image(pixels: np.ndarray) -> Image.Image:
     """An 8x8 scan (0..16, ink high) as an RGB image, black ink on white like paper."""
     gray = (255 - pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def question_prompt(question: str) -> str:
+    """The instruction template's prompt for a question."""
+    return format_sample("instruction", "", question)[0]
+
+
+def first_word(text: str) -> str:
+    """An answer's first word, lower-case, without punctuation."""
+    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
+    return words[0] if words else ""
 
 
 def caption_for(label: int, style: str, rng: random.Random) -> str:

@@ -8,15 +8,12 @@ from typing import Any
 import torch
 
 from mmadapt.data import Collator, format_sample
-from mmadapt.digits import CAPTION_FORMATS, WORDS, DigitsCaptions
+from mmadapt.digits import CAPTION_FORMATS, QUESTIONS, WORDS, DigitsCaptions, first_word, question_prompt
 from mmadapt.errors import MMAdaptError
 from mmadapt.model import AssembledModel
 
 # Asked zero-shot: the bridge only ever trained on captions. Answers are first words.
-ZERO_SHOT = {
-    "Is it even?": lambda d: "yes" if d % 2 == 0 else "no",
-    "What is it plus one?": lambda d: (WORDS + ("ten",))[d + 1],
-}
+ZERO_SHOT = {q: QUESTIONS[q] for q in ("Is it even?", "What is it plus one?")}
 DIGIT_PATTERN = re.compile(r"\b(" + "|".join(WORDS) + r"|[0-9])\b")
 
 
@@ -24,15 +21,6 @@ def named_digit(text: str) -> int | None:
     """The one digit a caption names (as a word or numeral), or None if it names none or several."""
     found = {int(m) if m.isdigit() else WORDS.index(m) for m in DIGIT_PATTERN.findall(text.lower())}
     return found.pop() if len(found) == 1 else None
-
-
-def first_word(text: str) -> str:
-    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
-    return words[0] if words else ""
-
-
-def question_prompt(question: str) -> str:
-    return format_sample("instruction", "", question)[0]
 
 
 def cider(references: dict[int, list[str]], generated: dict[int, str]) -> float:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,8 +212,3 @@ def parse_recipe(raw: dict[str, Any], source: str) -> tuple[Recipe, list[Problem
     problems.extend(train_problems)
     name = str(raw.get("name", "run"))
     return Recipe(raw, source, name, nodes, data, val_data, train), problems
-
-
-def is_optional(annotation: Any) -> bool:
-    """True for `X | None` annotations."""
-    return isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)

@@ -61,3 +61,18 @@ def test_sampled_generation_follows_the_seed(decoder: CausalLM) -> None:
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
     assert all(len(t.encode()) <= 8 * 4 for t in runs[0])
+
+
+def test_token_distribution_prefix_is_the_expected_word_embedding() -> None:
+    decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", prefix_as="token_distribution").eval()
+    assert decoder.widths() == {"prefix_embeds": 384}  # the bridge emits vocabulary logits
+    assert CausalLM.config_widths({"config": TINY_LMS["llama"], "prefix_as": "token_distribution"}) == {"prefix_embeds": 384}
+    logits = torch.full((1, 2, 384), -1e4)
+    logits[0, 0, 7] = logits[0, 1, 42] = 0.0  # (B, P, V): certain of tokens 7 and 42
+    table = decoder.model.get_input_embeddings().weight
+    assert torch.allclose(decoder.prefix_to_embeddings(logits)[0], table[[7, 42]], atol=1e-6)
+    ids = torch.tensor([[7, 42, 50]])
+    with torch.no_grad():
+        as_tokens = decoder.model(input_ids=ids).logits[:, -1]
+        as_prefix = decoder(prefix_embeds=logits, input_ids=ids[:, 2:])["logits"][:, -1]
+    assert torch.allclose(as_tokens, as_prefix, atol=1e-4)  # a one-hot prefix reads exactly as the tokens

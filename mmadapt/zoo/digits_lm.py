@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from mmadapt.digits import CAPTION_FORMATS, WORDS
+from mmadapt.digits import CAPTION_FORMATS, QUESTIONS, WORDS, first_word, question_prompt
 
-NUMBER_WORDS = WORDS + ("ten", "eleven")
 # Sentences that say which digit a picture shows. The bridge learns to stand in for one of them.
 CONTEXTS = (
     "The picture shows a {word}.",
@@ -21,21 +20,8 @@ CONTEXTS = (
     "It is a {word}.",  # held out: the LM never trains on it, so its QA figure measures generalisation
 )
 HELD_OUT_CONTEXT = "It is a {word}."
-QUESTIONS: dict[str, Any] = {
-    "Is it even?": lambda d: "yes" if d % 2 == 0 else "no",
-    "Is it odd?": lambda d: "yes" if d % 2 else "no",
-    "What is it plus one?": lambda d: NUMBER_WORDS[d + 1],
-    "What is it plus two?": lambda d: NUMBER_WORDS[d + 2],
-    "Is it bigger than five?": lambda d: "yes" if d > 5 else "no",
-    "What number is it?": lambda d: NUMBER_WORDS[d],
-}
 CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
           "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": True}
-
-
-def question_prompt(question: str) -> str:
-    """The instruction template's prompt, as mmadapt.data.TEMPLATES['instruction'] writes it."""
-    return f"Question: {question} Answer:"
 
 
 def context_sentences(digit: int, held_out: bool = False) -> list[str]:
@@ -90,11 +76,6 @@ def answer_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         answers.append(first_word(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
     return answers
-
-
-def first_word(text: str) -> str:
-    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
-    return words[0] if words else ""
 
 
 def qa_accuracy(model: Any, tokenizer: Any, held_out: bool) -> dict[str, float]:
