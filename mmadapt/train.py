@@ -186,9 +186,7 @@ class Trainer:
             started = time.perf_counter()
             losses = []
             for micro in range(cfg.grad_accum):
-                consumed, batch = next(data)
-                while batch is None:  # every sample of this batch was bad and skipped
-                    consumed, batch = next(data)
+                consumed, batch = self._next_usable(data)
                 batch = _to_device(batch, acc.device)
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.wrapped)
                 with sync:
@@ -229,6 +227,16 @@ class Trainer:
             log.info("card written to %s", card_dir)
         acc.wait_for_everyone()
         return card_dir
+
+    def _next_usable(self, data: Iterator[tuple[int, dict | None]]) -> tuple[int, dict]:
+        """The next batch with at least one good sample; a whole epoch of bad ones stops the run."""
+        per_epoch = (len(self.dataset) // self.accelerator.num_processes) // self.cfg.batch_size
+        for _ in range(per_epoch + 1):
+            consumed, batch = next(data)
+            if batch is not None:
+                return consumed, batch
+        first = self.train_collator.bad_samples[0] if self.train_collator.bad_samples else "unknown"
+        raise DataError(f"no readable sample in a whole epoch of {self.recipe.data.get('type')} data; first error: {first}")
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)

@@ -172,3 +172,12 @@ def test_malformed_data_file_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("image,caption\na.png,x\n")
     with pytest.raises(DataError, match=r"d.csv:2: each row needs 'image' and 'text'"):
         ImageCaptionDataset(str(tmp_path / "d.csv"))
+
+
+def test_a_dataset_with_no_readable_image_stops_with_a_message(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"image": f"missing{i}.png", "text": "x"}) for i in range(6)))
+    raw = tiny_recipe("linear_projector", steps=2, batch_size=3, output_dir=str(tmp_path / "run"))
+    raw["data"] = {"type": "image_captions", "path": str(tmp_path / "data.jsonl")}
+    raw.pop("val_data")
+    with pytest.raises(DataError, match=r"no readable sample in a whole epoch.*missing\d.png: not a readable image"):
+        trainer_for(raw).train()
