@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from mmadapt.data import batch_to_device
 from mmadapt.model import AssembledModel
 
 
@@ -69,6 +70,7 @@ class FeatureCache:
             skipped += len(samples) - (batch["size"] if batch else 0)
             if batch is None:
                 continue
+            batch = batch_to_device(batch, next(self.model.parameters()).device)
             for node in self.nodes:
                 features = self.model.nodes[node](**self.model.node_kwargs(node, batch, {})).cpu()  # (B, N, D)
                 for key, row in zip(batch["keys"], features):

@@ -175,6 +175,15 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A copy of a collated batch with its tensors on `device` (the collator works on the CPU)."""
+    moved = dict(batch)
+    moved["node_inputs"] = {n: {p: t.to(device) for p, t in ports.items()} for n, ports in batch["node_inputs"].items()}
+    if "precomputed" in batch:
+        moved["precomputed"] = {n: t.to(device) for n, t in batch["precomputed"].items()}
+    return moved
+
+
 def build_dataset(section: dict[str, Any]) -> Dataset:
     """Instantiate a `data:` section through the DATA_TYPES table or a dotted path."""
     from mmadapt.registry import DATA_TYPES, resolve

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from mmadapt.data import Collator, format_sample
+from mmadapt.data import format_sample
+from mmadapt.inference import generate_for_samples
 from mmadapt.digits import CAPTION_FORMATS, QUESTIONS, WORDS, DigitsCaptions, first_word, question_prompt
 from mmadapt.errors import MMAdaptError
 from mmadapt.model import AssembledModel
@@ -35,13 +36,7 @@ def cider(references: dict[int, list[str]], generated: dict[int, str]) -> float:
 
 
 def _generate(model: AssembledModel, samples: list[dict[str, Any]], prompt: str, max_new_tokens: int) -> list[str]:
-    for sample in samples:
-        sample["prompt"] = prompt
-    batch = Collator(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)(samples)
-    assert batch is not None
-    device = next(model.parameters()).device
-    batch["node_inputs"] = {n: {p: t.to(device) for p, t in ports.items()} for n, ports in batch["node_inputs"].items()}
-    return model.generate(batch, [prompt] * len(samples), max_new_tokens=max_new_tokens)
+    return generate_for_samples(model, samples, prompt, max_new_tokens=max_new_tokens)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 
 from mmadapt.assemble import assemble
 from mmadapt.card import load_card_weights, read_card
-from mmadapt.data import Collator, format_sample
+from mmadapt.data import Collator, batch_to_device, format_sample
 from mmadapt.model import AssembledModel
 from mmadapt.validate import check_recipe
 
@@ -23,16 +23,19 @@ def load_card(directory: str | Path) -> AssembledModel:
     return model
 
 
-def generate_from_images(
-    model: AssembledModel, images: list[Any], prompt: str = "", **settings: Any
-) -> list[str]:
+def generate_for_samples(model: AssembledModel, samples: list[dict[str, Any]], prompt: str, **settings: Any) -> list[str]:
+    """Generate after each sample's encoded inputs, with the same (already formatted) prompt for all."""
+    samples = [dict(s, prompt=prompt, target="") for s in samples]
+    batch = Collator(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)(samples)
+    assert batch is not None  # skip_bad_samples=False raises on a bad sample instead of dropping it
+    batch = batch_to_device(batch, next(model.parameters()).device)
+    with torch.no_grad():
+        return model.generate(batch, [prompt] * len(samples), **settings)
+
+
+def generate_from_images(model: AssembledModel, images: list[Any], prompt: str = "", **settings: Any) -> list[str]:
     """Caption or answer about each image; `prompt` is filled into the card's data template."""
     template = model.recipe.data.get("template", "caption")
     formatted = format_sample(template, "", prompt)[0]
-    samples = [{"image": image, "prompt": formatted, "target": "", "text": "", "key": str(i), "id": i} for i, image in enumerate(images)]
-    batch = Collator(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)(samples)
-    assert batch is not None
-    device = next(model.parameters()).device
-    batch["node_inputs"] = {n: {p: t.to(device) for p, t in ports.items()} for n, ports in batch["node_inputs"].items()}
-    with torch.no_grad():
-        return model.generate(batch, batch["prompts"], **settings)
+    samples = [{"image": image, "text": "", "key": str(i), "id": i} for i, image in enumerate(images)]
+    return generate_for_samples(model, samples, formatted, **settings)

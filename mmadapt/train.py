@@ -18,7 +18,7 @@ from mmadapt.assemble import assemble
 from mmadapt.cache import FeatureCache
 from mmadapt.card import load_card_weights, save_card, write_card
 from mmadapt.checkpoint_io import atomic_dir, load_trainer_state, rng_state, save_trainer_state, set_rng_state
-from mmadapt.data import Collator, build_dataset
+from mmadapt.data import Collator, batch_to_device, build_dataset
 from mmadapt.errors import DataError, TrainingError
 from mmadapt.graph import Plan
 from mmadapt.model import AssembledModel
@@ -187,7 +187,7 @@ class Trainer:
             losses = []
             for micro in range(cfg.grad_accum):
                 consumed, batch = self._next_usable(data)
-                batch = _to_device(batch, acc.device)
+                batch = batch_to_device(batch, acc.device)
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.wrapped)
                 with sync:
                     loss = self.wrapped(batch)["loss"]  # (,) mean over target tokens
@@ -255,7 +255,7 @@ class Trainer:
         for batch in loader:
             if batch is None:
                 continue
-            batch = _to_device(batch, self.accelerator.device)
+            batch = batch_to_device(batch, self.accelerator.device)
             with self.accelerator.autocast():
                 losses.append(self.model(batch)["loss"].item() * batch["size"])
             if len(examples) < self.cfg.eval_generations:
@@ -286,11 +286,3 @@ class Trainer:
         fig.tight_layout()
         fig.savefig(self.out_dir / "loss.png", dpi=100)
         plt.close(fig)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    moved = dict(batch)
-    moved["node_inputs"] = {n: {p: t.to(device) for p, t in ports.items()} for n, ports in batch["node_inputs"].items()}
-    if "precomputed" in batch:
-        moved["precomputed"] = {n: t.to(device) for n, t in batch["precomputed"].items()}
-    return moved
