@@ -28,6 +28,15 @@ QUESTIONS: dict[str, Callable[[int], str]] = {
     "Is it bigger than five?": lambda d: "yes" if d > 5 else "no",
     "What number is it?": lambda d: NUMBER_WORDS[d],
 }
+# How the LM's corpus answers: it names the digit first, then reasons in words. The final word is the answer.
+REASONED: dict[str, Callable[[int], str]] = {
+    "Is it even?": lambda d: f"{WORDS[d]} is {'even' if d % 2 == 0 else 'odd'}, so {QUESTIONS['Is it even?'](d)}",
+    "Is it odd?": lambda d: f"{WORDS[d]} is {'odd' if d % 2 else 'even'}, so {QUESTIONS['Is it odd?'](d)}",
+    "What is it plus one?": lambda d: f"{WORDS[d]} plus one is {NUMBER_WORDS[d + 1]}",
+    "What is it plus two?": lambda d: f"{WORDS[d]} plus two is {NUMBER_WORDS[d + 2]}",
+    "Is it bigger than five?": lambda d: f"{WORDS[d]} is {'bigger' if d > 5 else 'not bigger'} than five, so {QUESTIONS['Is it bigger than five?'](d)}",
+    "What number is it?": lambda d: f"it is {WORDS[d]}",
+}
 CAPTION_FORMATS = (
     "a handwritten {word}",
     "the digit {number}",
@@ -70,10 +79,10 @@ def question_prompt(question: str) -> str:
     return format_sample("instruction", "", question)[0]
 
 
-def first_word(text: str) -> str:
-    """An answer's first word, lower-case, without punctuation."""
-    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
-    return words[0] if words else ""
+def answer_word(text: str) -> str:
+    """The last word of an answer's first sentence, lower-case: 'seven is odd, so no.' -> 'no'."""
+    words = re.sub(r"[^a-z0-9 ]", " ", text.lower().split(".")[0]).split()
+    return words[-1] if words else ""
 
 
 def caption_for(label: int, style: str, rng: random.Random) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from mmadapt.data import format_sample
 from mmadapt.inference import generate_for_samples
-from mmadapt.digits import CAPTION_FORMATS, QUESTIONS, WORDS, DigitsCaptions, first_word, question_prompt
+from mmadapt.digits import CAPTION_FORMATS, QUESTIONS, WORDS, DigitsCaptions, answer_word, question_prompt
 from mmadapt.errors import MMAdaptError
 from mmadapt.model import AssembledModel
 
@@ -54,20 +54,20 @@ def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | Non
         samples = [dataset[i] for i in range(offset, min(offset + batch_size, len(dataset)))]
         captions += _generate(model, samples, caption_prompt, max_new_tokens)
         for question in ZERO_SHOT:
-            answers[question] += _generate(model, samples, question_prompt(question), 4)
+            answers[question] += _generate(model, samples, question_prompt(question), 12)
     decoder = model.decoder
     pipeline = {q: [] for q in ZERO_SHOT}
     for question in ZERO_SHOT:  # the contrast: feed the generated caption back as text
         prompts = [f"{c.rstrip('.')}. {question_prompt(question)}" for c in captions]
         for offset in range(0, len(prompts), batch_size):
-            pipeline[question] += decoder.generate(None, prompts[offset: offset + batch_size], max_new_tokens=4)
+            pipeline[question] += decoder.generate(None, prompts[offset: offset + batch_size], max_new_tokens=12)
     references = {i: [f.format(word=WORDS[d], number=d) for f in CAPTION_FORMATS] for i, d in enumerate(labels)}
     accuracy = lambda got, want: sum(a == b for a, b in zip(got, want)) / len(want)  # noqa: E731
     return {
         "samples": len(dataset),
         "caption_accuracy": accuracy([named_digit(c) for c in captions], labels),
-        "zero_shot": {q: accuracy([first_word(a) for a in answers[q]], [f(d) for d in labels]) for q, f in ZERO_SHOT.items()},
-        "caption_then_answer": {q: accuracy([first_word(a) for a in pipeline[q]], [f(d) for d in labels]) for q, f in ZERO_SHOT.items()},
+        "zero_shot": {q: accuracy([answer_word(a) for a in answers[q]], [f(d) for d in labels]) for q, f in ZERO_SHOT.items()},
+        "caption_then_answer": {q: accuracy([answer_word(a) for a in pipeline[q]], [f(d) for d in labels]) for q, f in ZERO_SHOT.items()},
         "cider": cider(references, dict(enumerate(captions))),
         "examples": [{"label": d, "caption": c, **{q: answers[q][i] for q in ZERO_SHOT}} for i, (d, c) in enumerate(zip(labels[:6], captions[:6]))],
         "captions": captions,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mmadapt.digits import CAPTION_FORMATS, QUESTIONS, WORDS, first_word, question_prompt
+from mmadapt.digits import CAPTION_FORMATS, QUESTIONS, REASONED, WORDS, answer_word, question_prompt
 
 # Sentences that say which digit a picture shows. The bridge learns to stand in for one of them.
 CONTEXTS = (
@@ -39,7 +39,7 @@ def documents(held_out: bool = False) -> list[tuple[str, str]]:
     docs = []
     for digit in range(10):
         captions = [c.format(word=WORDS[digit], number=digit) for c in CAPTION_FORMATS]
-        qa = [f"{question_prompt(q)} {answer(digit)}." for q, answer in QUESTIONS.items()]
+        qa = [f"{question_prompt(q)} {reason(digit)}." for q, reason in REASONED.items()]
         described = [f"{question_prompt(DESCRIBE)} {caption}" for caption in captions]
         docs += [(ctx, rest) for ctx in context_sentences(digit, held_out) for rest in captions + qa + described]
     return docs
@@ -67,14 +67,14 @@ def encode(tokenizer: Any, context: str, rest: str) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def answer_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 4) -> list[str]:
-    """Greedy continuation of each prompt (text only), first word, lower-case, no punctuation."""
+def answer_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
+    """Greedy continuation of each prompt (text only), reduced to its answer word."""
     answers = []
     for prompt in prompts:
         ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        answers.append(first_word(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+        answers.append(answer_word(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
     return answers
 
 
