@@ -60,8 +60,9 @@ class FeatureCache:
     def build(self, dataset: Dataset, collator: Any, batch_size: int, rank: int = 0, world: int = 1) -> CacheStats:
         """Encode the samples whose entries are missing (this rank's share); bad samples are skipped and counted."""
         start = time.perf_counter()
-        missing = [i for i in range(rank, len(dataset), world) if not self.has(dataset[i]["key"])]
-        reused = len(range(rank, len(dataset), world)) - len(missing)
+        keys = {i: dataset[i]["key"] for i in range(rank, len(dataset), world)}  # read (and hash) each input once
+        missing = [i for i, key in keys.items() if not self.has(key)]
+        reused = len(keys) - len(missing)
         built = skipped = 0
         self.model.eval()
         for offset in range(0, len(missing), batch_size):
@@ -76,8 +77,8 @@ class FeatureCache:
                 for key, row in zip(batch["keys"], features):
                     self._write(self.entry(node, key), row)
             built += batch["size"]
-        sizes = [self.entry(n, dataset[i]["key"]).stat().st_size for n in self.nodes for i in range(min(len(dataset), 8)) if self.has(dataset[i]["key"])]
-        per_sample = sum(sizes) / max(1, len(sizes) // max(1, len(self.nodes)))
+        measured = [key for key in list(keys.values())[:8] if self.has(key)]
+        per_sample = sum(self.entry(n, k).stat().st_size for n in self.nodes for k in measured) / max(1, len(measured))
         return CacheStats(built, reused, skipped, time.perf_counter() - start, per_sample)
 
     @staticmethod

@@ -70,7 +70,7 @@ def report_digits(model: Any, card: Any, grid: str | None, limit: int | None = N
     if limit is None:
         (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
     if grid:
-        caption_grid(model, captions, Path(grid))
+        caption_grid(captions, Path(grid))
         print(f"grid: {grid}")
 
 

@@ -13,7 +13,7 @@ from mmadapt.digits import CAPTION_FORMATS, QUESTIONS, WORDS, DigitsCaptions, an
 from mmadapt.errors import MMAdaptError
 from mmadapt.model import AssembledModel
 
-# Asked zero-shot: the bridge only ever trained on captions. Answers are first words.
+# Asked zero-shot: the bridge only ever trained on captions. An answer is read by digits.answer_word.
 ZERO_SHOT = {q: QUESTIONS[q] for q in ("Is it even?", "What is it plus one?")}
 DIGIT_PATTERN = re.compile(r"\b(" + "|".join(WORDS) + r"|[0-9])\b")
 
@@ -35,10 +35,6 @@ def cider(references: dict[int, list[str]], generated: dict[int, str]) -> float:
     return float(score)
 
 
-def _generate(model: AssembledModel, samples: list[dict[str, Any]], prompt: str, max_new_tokens: int) -> list[str]:
-    return generate_for_samples(model, samples, prompt, max_new_tokens=max_new_tokens)
-
-
 @torch.no_grad()
 def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | None = None, batch_size: int = 100,
                     max_new_tokens: int = 8) -> dict[str, Any]:
@@ -52,9 +48,9 @@ def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | Non
     answers: dict[str, list[str]] = {q: [] for q in ZERO_SHOT}
     for offset in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(offset, min(offset + batch_size, len(dataset)))]
-        captions += _generate(model, samples, caption_prompt, max_new_tokens)
+        captions += generate_for_samples(model, samples, caption_prompt, max_new_tokens=max_new_tokens)
         for question in ZERO_SHOT:
-            answers[question] += _generate(model, samples, question_prompt(question), 12)
+            answers[question] += generate_for_samples(model, samples, question_prompt(question), max_new_tokens=12)
     decoder = model.decoder
     pipeline = {q: [] for q in ZERO_SHOT}
     for question in ZERO_SHOT:  # the contrast: feed the generated caption back as text
@@ -74,7 +70,7 @@ def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | Non
     }
 
 
-def caption_grid(model: AssembledModel, captions: list[str], path: Path, count: int = 16, split: str = "test") -> None:
+def caption_grid(captions: list[str], path: Path, count: int = 16, split: str = "test") -> None:
     """A grid of test digits with their generated captions."""
     import matplotlib
 
