@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from mmadapt.nodes import Adapter
 
 
@@ -16,17 +14,14 @@ class LoRA(Adapter):
         r: int = 8,
         alpha: int = 16,  # scale = alpha / r; saved in the card's peft config so it is never lost
         dropout: float = 0.0,
-        target_modules: list[str] | None = None,  # e.g. [q_proj, v_proj]; None = peft's default for the model type
+        target_modules: list[str] | None = None,  # e.g. [q_proj, v_proj]; None = the node's default, else peft's
+        target: str | None = None,  # which inner model of the node, e.g. text_encoder; None = the node's default
     ) -> None:
-        super().__init__(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
-        self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
+        super().__init__(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, target=target)
+        self.r, self.alpha, self.dropout, self.target_modules, self.target = r, alpha, dropout, target_modules, target
 
-    def peft_config(self) -> Any:
+    def peft_config(self, default_modules: list[str] | None = None) -> Any:
         from peft import LoraConfig
 
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules)
-
-    def apply(self, target: nn.Module) -> None:
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(self.peft_config(), target)
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules or default_modules)

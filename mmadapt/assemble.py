@@ -46,9 +46,12 @@ def assemble(recipe: Recipe, plan: Plan) -> AssembledModel:
         for index, adapter_raw in enumerate(spec.adapters):
             adapter_cls = resolve(str(adapter_raw["type"]), ADAPTER_TYPES)
             adapter = adapter_cls(**{k: v for k, v in adapter_raw.items() if k != "type"})
+            inner = adapter.target or node.adapter_target
+            if not isinstance(getattr(node, inner, None), torch.nn.Module):
+                raise RecipeError([Problem(f"graph.{name}.adapters[{index}].target", inner, f"'{name}' has no inner model '{inner}'")], "assembly")
             try:
-                adapter.apply(getattr(node, node.adapter_target))
-            except (ValueError, AttributeError) as exc:
+                adapter.apply(getattr(node, inner), node.adapter_modules.get(inner))
+            except (ValueError, AttributeError, TypeError) as exc:
                 raise RecipeError([Problem(f"graph.{name}.adapters[{index}]", "", str(exc).splitlines()[0])], "assembly") from None
     model = AssembledModel(recipe, plan, built)
     model.train()

@@ -62,6 +62,10 @@ def write_card(model: AssembledModel, directory: Path) -> None:
     (directory / RECIPE_FILE).write_text(yaml.safe_dump(resolved_recipe(model), sort_keys=False))
     (directory / META_FILE).write_text(json.dumps(card_metadata(model), indent=2))
     export_peft_adapters(model, directory / "peft")
+    if model.decoder.output == "image":
+        from mmadapt.diffusers_export import export_diffusers
+
+        export_diffusers(model, directory / "diffusers")
 
 
 def save_card(model: AssembledModel, directory: str | Path) -> Path:
@@ -79,19 +83,18 @@ def export_peft_adapters(model: AssembledModel, folder: Path) -> None:
 
     for name, node in model.nodes.items():
         spec = model.recipe.nodes[name]
-        if not spec.adapters:
-            continue
-        target = getattr(node, node.adapter_target)
-        if not any(isinstance(m, BaseTunerLayer) for m in target.modules()):
-            continue
-        config = target.peft_config["default"] if hasattr(target, "peft_config") else None
-        if config is None:
-            continue
-        out = folder / name
-        out.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(target)
-        save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
-        config.save_pretrained(str(out))
+        for inner in dict.fromkeys(a.get("target") or node.adapter_target for a in spec.adapters):
+            target = getattr(node, inner)
+            if not any(isinstance(m, BaseTunerLayer) for m in target.modules()):
+                continue
+            config = target.peft_config["default"] if hasattr(target, "peft_config") else None
+            if config is None:
+                continue
+            out = folder / (name if inner == node.adapter_target else f"{name}.{inner}")
+            out.mkdir(parents=True, exist_ok=True)
+            state = get_peft_model_state_dict(target)
+            save_file({f"base_model.model.{k}": v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+            config.save_pretrained(str(out))
 
 
 def read_card(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -56,8 +56,15 @@ def report_digits(model: Any, card: Any, grid: str | None, limit: int | None = N
     import json
     from pathlib import Path
 
-    from mmadapt.evaluate import caption_grid, evaluate_digits
+    from mmadapt.evaluate import caption_grid, evaluate_digits, evaluate_image_token
 
+    if model.decoder.output == "image":
+        figures = evaluate_image_token(model, limit=limit or 200)
+        print(f"test samples: {figures['samples']}")
+        print(f"referee reads the input digit in the generated picture: {figures['referee_accuracy']:.3f}")
+        print(f"per digit: {figures['per_digit']}")
+        (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
+        return
     figures = evaluate_digits(model, limit=limit)
     captions = figures.pop("captions")
     print(f"test samples: {figures['samples']}")
@@ -97,6 +104,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+PERSONALIZE_RECIPES = {"lora": "personalize-lora.yaml", "lokr": "personalize-lokr.yaml"}
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    """DreamBooth on a few images: the mini recipe for the method, pointed at the user's images, token and class."""
+    import json
+    from pathlib import Path
+
+    from mmadapt.personalize import list_images, personalization_report
+    from mmadapt.train import Trainer
+    from mmadapt.validate import load_recipe
+
+    if len(list_images(args.images, "--images")) < 3:
+        raise MMAdaptError(f"--images: {args.images} has {len(list_images(args.images, '--images'))} image(s); personalization needs 3 to 5")
+    recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "mini" / PERSONALIZE_RECIPES[args.method]
+    if args.recipe:
+        recipe_path = Path(args.recipe)
+    overrides = [f"data.instance_dir={args.images}", f"data.instance_prompt=a {args.token} {args.class_word}",
+                 f"data.class_prompt=a {args.class_word}",
+                 f"graph.sd.placeholder={args.token}", f"graph.sd.placeholder_init={args.class_word}"]
+    if args.checkpoint:
+        overrides.append(f"graph.sd.checkpoint={args.checkpoint}")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    recipe, plan = load_recipe(recipe_path, overrides + list(args.overrides))
+    trainer = Trainer(recipe, plan)
+    card = trainer.train()
+    print(f"card: {card}")
+    print(f"diffusers export: {Path(card) / 'diffusers'}")
+    if args.report and trainer.is_main:
+        figures = personalization_report(trainer.model, args.token)
+        (Path(card) / "personalization.json").write_text(json.dumps(figures, indent=2))
+        for key, value in figures.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from mmadapt.personalize import write_framed_examples
+
+    paths = write_framed_examples(args.folder)
+    print(f"wrote {len(paths)} framed digits to {args.folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmadapt", description="Train small bridges between frozen encoders and generators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--grid", help="also write a PNG grid of test digits with their captions")
     evaluate.add_argument("--limit", type=int, help="only the first N test samples (quick checks)")
     evaluate.set_defaults(handler=cmd_eval)
+    personalize = sub.add_parser("personalize", help="DreamBooth-LoRA/LoKr on 3-5 images: a card plus its diffusers export")
+    personalize.add_argument("--images", required=True, help="a folder of 3-5 images of the subject or style")
+    personalize.add_argument("--token", default="<sks>", help="the new word that will name the subject")
+    personalize.add_argument("--class-word", default="digit", help="the subject's class, for prior preservation")
+    personalize.add_argument("--method", choices=list(PERSONALIZE_RECIPES), default="lora")
+    personalize.add_argument("--checkpoint", help="a Stable Diffusion pipeline folder or hub id (default: zoo:digits-sd)")
+    personalize.add_argument("--recipe", help="start from this recipe instead of the mini one")
+    personalize.add_argument("--output-dir", help="the run folder")
+    personalize.add_argument("--report", action="store_true", help="also measure style and referee figures (mini world)")
+    personalize.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    personalize.set_defaults(handler=cmd_personalize)
+    data = sub.add_parser("data", help="write example data")
+    data.add_argument("dataset", choices=["framed-digits"], help="framed-digits: the mini personalization example")
+    data.add_argument("folder")
+    data.set_defaults(handler=cmd_data)
     return parser
 
 

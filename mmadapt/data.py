@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mmadapt.decoders.causal_lm import IGNORE_INDEX
 from mmadapt.errors import DataError, MMAdaptError
 from mmadapt.nodes import Encoder
 
@@ -125,13 +124,22 @@ class Collator:
                     self._skip(exc)
                     bad.add(sample["id"])
             prepared[(name, port)] = values
+        decoder_rows: dict[int, Any] = {}
+        for sample in samples:
+            if sample["id"] in bad:
+                continue
+            try:
+                decoder_rows[sample["id"]] = self.model.decoder.prepare(sample, self.max_tokens)
+            except DataError as exc:
+                self._skip(exc)
+                bad.add(sample["id"])
         kept = [s for s in samples if s["id"] not in bad]
         if not kept:
             return None
         node_inputs: dict[str, dict[str, torch.Tensor]] = {}
         for (name, port), values in prepared.items():
             node_inputs.setdefault(name, {})[port] = torch.stack([values[s["id"]] for s in kept])  # (B, ...)
-        node_inputs[self.model.decoder_name] = self._tokenize(kept)
+        node_inputs[self.model.decoder_name] = self.model.decoder.collate([decoder_rows[s["id"]] for s in kept])
         batch: dict[str, Any] = {
             "size": len(kept),
             "ids": [s["id"] for s in kept],
@@ -160,19 +168,6 @@ class Collator:
             raise exc
         log.warning("skipping a bad sample: %s", exc)
         self.bad_samples.append(str(exc))
-
-    def _tokenize(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        decoder = self.model.decoder
-        pairs = [decoder.encode_pair(s["prompt"], s["target"], self.max_tokens) for s in samples]
-        length = max(len(ids) for ids, _ in pairs)
-        input_ids = torch.full((len(pairs), length), decoder.pad_id, dtype=torch.long)  # right padding
-        labels = torch.full((len(pairs), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(pairs), length), dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(pairs):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(row_labels)
-            mask[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

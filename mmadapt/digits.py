@@ -101,11 +101,12 @@ class DigitsCaptions(Dataset):
         template: str = "caption",  # a name in mmadapt.data.TEMPLATES
         prompt: str = "",  # the question, for the instruction template
         limit: int | None = None,  # use only the first N samples of the split (quick tests)
+        text: str | None = None,  # one text for every sample instead of a caption, e.g. "a handwritten <*>" for a token bridge
     ) -> None:
         if style not in ("varied", "fixed"):
             raise DataError(f"style must be varied or fixed, got {style!r}")
         self.indices = split_indices(split)[:limit]
-        self.style, self.template, self.prompt = style, template, prompt
+        self.style, self.template, self.prompt, self.text = style, template, prompt, text
         format_sample(template, "", "")
         self.rng = random.Random()  # reseeded from the global RNG state each draw so resume repeats it
         load_digits_arrays()  # import sklearn now: its first import draws from the global RNG
@@ -120,7 +121,7 @@ class DigitsCaptions(Dataset):
         self.rng.seed(random.getrandbits(64))
         images, labels = load_digits_arrays()
         index = self.indices[position]
-        text = caption_for(int(labels[index]), self.style, self.rng)
+        text = self.text if self.text is not None else caption_for(int(labels[index]), self.style, self.rng)
         prompt, target = format_sample(self.template, text, self.prompt)
         key = hashlib.sha1(b"sklearn-digits" + images[index].tobytes()).hexdigest()
         return {"image": digit_image(images[index]), "prompt": prompt, "target": target, "text": text,

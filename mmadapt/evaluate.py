@@ -56,7 +56,7 @@ def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | Non
     for question in ZERO_SHOT:  # the contrast: feed the generated caption back as text
         prompts = [f"{c.rstrip('.')}. {question_prompt(question)}" for c in captions]
         for offset in range(0, len(prompts), batch_size):
-            pipeline[question] += decoder.generate(None, prompts[offset: offset + batch_size], max_new_tokens=12)
+            pipeline[question] += decoder.generate(prompts[offset: offset + batch_size], max_new_tokens=12)
     references = {i: [f.format(word=WORDS[d], number=d) for f in CAPTION_FORMATS] for i, d in enumerate(labels)}
     accuracy = lambda got, want: sum(a == b for a, b in zip(got, want)) / len(want)  # noqa: E731
     return {
@@ -89,3 +89,21 @@ def caption_grid(captions: list[str], path: Path, count: int = 16, split: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+@torch.no_grad()
+def evaluate_image_token(model: AssembledModel, split: str = "test", limit: int | None = 200, batch_size: int = 50,
+                         seed: int = 0) -> dict[str, Any]:
+    """For a digits -> diffusion card: how often the referee reads the input digit in the generated picture."""
+    from mmadapt.referee import read_digits
+
+    model.eval()
+    text = str(model.recipe.data.get("text", "<*>"))
+    dataset = DigitsCaptions(split=split, style="fixed", limit=limit, text=text)
+    labels = [dataset.label(i) for i in range(len(dataset))]
+    read: list[int] = []
+    for offset in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(offset, min(offset + batch_size, len(dataset)))]
+        read += read_digits(generate_for_samples(model, samples, text, seed=seed + offset))
+    per_digit = {WORDS[d]: sum(r == d for r, lab in zip(read, labels) if lab == d) / max(1, labels.count(d)) for d in range(10)}
+    return {"samples": len(dataset), "referee_accuracy": sum(r == d for r, d in zip(read, labels)) / len(labels), "per_digit": per_digit}

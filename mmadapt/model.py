@@ -114,9 +114,9 @@ class AssembledModel(nn.Module):
         return self.run_nodes(batch)[self.decoder_name]
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], prompts: list[str], **settings: Any) -> list[str]:
-        """Run encoders and bridges, then let the decoder generate after their outputs."""
+    def generate(self, batch: dict[str, Any], prompts: list[str], **settings: Any) -> list[Any]:
+        """Run encoders and bridges, then let the decoder generate from their outputs (text, or images)."""
         outputs = self.run_nodes(batch, until_decoder=True)
-        kwargs = self.node_kwargs(self.decoder_name, batch, outputs) if self.plan.inputs[self.decoder_name] else {}
-        prefix = kwargs.get("prefix_embeds")
-        return self.decoder.generate(prefix, prompts, **settings)
+        bridged = {port: torch.cat([outputs[r.source] if r.key is None else outputs[r.source][r.key] for r in refs], dim=1)
+                   for port, refs in self.plan.inputs[self.decoder_name].items() if not any(r.is_data for r in refs)}
+        return self.decoder.generate(prompts, **bridged, **settings)

@@ -17,6 +17,8 @@ class Node(nn.Module):
     role: ClassVar[str] = "bridge"
     # The attribute holding the inner model that adapters such as LoRA are injected into.
     adapter_target: ClassVar[str] = "model"
+    # Per inner model, the modules an adapter targets when the recipe names none (None: peft's default for the model).
+    adapter_modules: ClassVar[dict[str, list[str]]] = {}
     # Inputs a node gets without the recipe naming them, e.g. an image encoder reads `data.image`.
     default_inputs: ClassVar[dict[str, str]] = {}
 
@@ -65,6 +67,19 @@ class Decoder(Node):
     """A frozen generator that turns bridge outputs plus data into a loss, and can generate."""
 
     role = "decoder"
+    output: ClassVar[str] = "text"  # what generate returns: "text" (strings) or "image" (PIL images)
+
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> Any:
+        """One sample's decoder data (token ids, a target image); a bad sample raises DataError and is skipped."""
+        raise NotImplementedError
+
+    def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]:
+        """Prepared rows -> the decoder's data inputs for the batch, keyed by forward argument."""
+        raise NotImplementedError
+
+    def generate(self, prompts: list[str], **inputs: Any) -> list[Any]:
+        """Outputs for prompts, conditioned on the bridges' outputs keyed by the decoder's ports."""
+        raise NotImplementedError
 
 
 class Adapter:
@@ -73,5 +88,20 @@ class Adapter:
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs  # the recipe arguments, kept for the card
 
-    def apply(self, target: nn.Module) -> None:
+    target: str | None = None  # the node's inner model to adapt; None = the node's `adapter_target`
+
+    def peft_config(self, default_modules: list[str] | None = None) -> Any:
         raise NotImplementedError
+
+    def apply(self, target: nn.Module, default_modules: list[str] | None = None) -> None:
+        """Inject the peft config; diffusers models take it through their own add_adapter, which also readies
+        their save_lora_adapter / load_lora_adapter."""
+        import sys
+
+        from peft import inject_adapter_in_model
+
+        diffusers_model = getattr(sys.modules.get("diffusers"), "ModelMixin", None)
+        if diffusers_model is not None and isinstance(target, diffusers_model):
+            target.add_adapter(self.peft_config(default_modules))
+        else:
+            inject_adapter_in_model(self.peft_config(default_modules), target)

@@ -11,6 +11,8 @@ NODE_TYPES: dict[str, str] = {
     "open_clip_vision": "mmadapt.encoders.open_clip_vision.OpenCLIPVision",
     "hf_vision": "mmadapt.encoders.hf_vision.HFVisionTower",
     "causal_lm": "mmadapt.decoders.causal_lm.CausalLM",
+    "diffusion": "mmadapt.decoders.diffusion.DiffusionDecoder",
+    "token": "bridges.token.TokenEmbedder",
     "linear_projector": "bridges.projector.LinearProjector",
     "mlp_projector": "bridges.projector.MLPProjector",
     "qformer": "bridges.qformer.QFormer",
@@ -20,11 +22,13 @@ NODE_TYPES: dict[str, str] = {
 
 ADAPTER_TYPES: dict[str, str] = {
     "lora": "bridges.lora.LoRA",
+    "lokr": "bridges.lokr.LoKr",
 }
 
 DATA_TYPES: dict[str, str] = {
     "image_captions": "mmadapt.data.ImageCaptionDataset",
     "digits_captions": "mmadapt.digits.DigitsCaptions",
+    "dreambooth": "mmadapt.personalize.DreamBoothImages",
 }
 
 

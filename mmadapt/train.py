@@ -96,6 +96,13 @@ class Trainer:
         self.model.to(self.accelerator.device)
         self.dataset = build_dataset(recipe.data)
         self.val_dataset = build_dataset(recipe.val_data) if recipe.val_data else None
+        for data in (self.dataset, self.val_dataset):
+            if hasattr(data, "prepare"):  # data the frozen model makes itself (DreamBooth class images): rank 0 writes
+                if self.is_main:
+                    data.prepare(self.model, self.out_dir)
+                self.accelerator.wait_for_everyone()
+                if not self.is_main:
+                    data.prepare(self.model, self.out_dir)  # finds rank 0's files and only lists them
         self.collator = Collator(self.model, self.cfg.max_text_tokens, self.cfg.skip_bad_samples)
         self.cache = self._build_cache()
         self.train_collator = Collator(self.model, self.cfg.max_text_tokens, self.cfg.skip_bad_samples, cache=self.cache)
@@ -259,13 +266,25 @@ class Trainer:
             with self.accelerator.autocast():
                 losses.append(self.model(batch)["loss"].item() * batch["size"])
             if len(examples) < self.cfg.eval_generations:
-                count = self.cfg.eval_generations - len(examples)
-                texts = self.model.generate(batch, batch["prompts"], max_new_tokens=self.cfg.max_new_tokens)
-                examples += [{"reference": r, "generated": g} for r, g in zip(batch["texts"][:count], texts[:count])]
+                examples += self._examples(step, batch, self.cfg.eval_generations - len(examples))
         self.model.train()
         record = {"step": step, "val_loss": sum(losses) / max(1, len(self.val_dataset)), "examples": examples}
         self._log(record)
         log.info("step %d: val_loss %.4f; e.g. %s", step, record["val_loss"], examples[:2])
+
+    def _examples(self, step: int, batch: dict[str, Any], count: int) -> list[dict[str, str]]:
+        """Generations for the first `count` samples: text as is, images saved under samples/ and logged by path."""
+        if self.model.decoder.output == "text":
+            texts = self.model.generate(batch, batch["prompts"], max_new_tokens=self.cfg.max_new_tokens)
+            return [{"reference": r, "generated": g} for r, g in zip(batch["texts"][:count], texts[:count])]
+        images = self.model.generate(batch, batch["texts"])[:count]
+        folder = self.out_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, image in enumerate(images):
+            image.save(folder / f"step-{step:07d}-{index}.png")
+            paths.append(str(folder / f"step-{step:07d}-{index}.png"))
+        return [{"prompt": p, "generated": g} for p, g in zip(batch["texts"][:count], paths)]
 
     def _plot(self) -> None:
         import matplotlib

@@ -46,10 +46,10 @@ def test_greedy_generation_is_the_same_batched_and_alone(decoder: CausalLM) -> N
     torch.manual_seed(0)
     prefix = torch.randn(3, 2, decoder.embed_dim) * 3
     prompts = ["Question: what is it? Answer:", "", "a"]
-    batched = decoder.generate(prefix, prompts, max_new_tokens=6)
-    alone = [decoder.generate(prefix[i: i + 1], [p], max_new_tokens=6)[0] for i, p in enumerate(prompts)]
+    batched = decoder.generate(prompts, prefix, max_new_tokens=6)
+    alone = [decoder.generate([p], prefix[i: i + 1], max_new_tokens=6)[0] for i, p in enumerate(prompts)]
     assert batched == alone
-    assert len(set(decoder.generate(prefix[:1].repeat(1, 1, 1) * s, [""], max_new_tokens=6)[0] for s in (1, -1, 5))) > 1
+    assert len(set(decoder.generate([""], prefix[:1] * s, max_new_tokens=6)[0] for s in (1, -1, 5))) > 1
 
 
 def test_sampled_generation_follows_the_seed(decoder: CausalLM) -> None:
@@ -57,7 +57,7 @@ def test_sampled_generation_follows_the_seed(decoder: CausalLM) -> None:
     runs = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
-        runs.append(decoder.generate(prefix, ["", ""], max_new_tokens=8, do_sample=True, temperature=1.5))
+        runs.append(decoder.generate(["", ""], prefix, max_new_tokens=8, do_sample=True, temperature=1.5))
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
     assert all(len(t.encode()) <= 8 * 4 for t in runs[0])

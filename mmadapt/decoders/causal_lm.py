@@ -121,6 +121,21 @@ class CausalLM(Decoder):
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_tokens]
         return ids, labels
 
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[list[int], list[int]]:
+        return self.encode_pair(sample["prompt"], sample["target"], max_tokens)
+
+    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-padded ids, mask and labels of prepared (ids, labels) rows."""
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(ids)] = torch.tensor(row_labels)
+            mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
     def _prefix_position(self) -> int:
         """Where the prefix goes in the token sequence: after the leading bos, or first."""
         return 1 if self.prefix_after_bos and self.bos_id is not None else 0
@@ -154,8 +169,8 @@ class CausalLM(Decoder):
     @torch.no_grad()
     def generate(
         self,
-        prefix_embeds: torch.Tensor | None,  # (B, P, D)
         prompts: list[str],
+        prefix_embeds: torch.Tensor | None = None,  # (B, P, D)
         max_new_tokens: int = 16,
         do_sample: bool = False,
         temperature: float = 1.0,

@@ -1,0 +1,265 @@
+"""A frozen text-to-image diffusion stack (diffusers U-Net, VAE, scheduler + CLIP text encoder) as the graph's decoder."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmadapt.errors import MMAdaptError
+from mmadapt.identity import config_hash
+from mmadapt.nodes import Decoder
+from mmadapt.zoo import resolve_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_pipeline_config(checkpoint: str, subfolder: str) -> dict[str, Any] | None:
+    """A component's config from a pipeline folder or a cached hub id, without loading weights; None if unreadable."""
+    from diffusers import UNet2DConditionModel
+
+    try:  # load_config reads any component's config.json; the class only names the file
+        return dict(UNet2DConditionModel.load_config(resolve_checkpoint(checkpoint), subfolder=subfolder))
+    except (OSError, ValueError, MMAdaptError):
+        return None
+
+
+@contextlib.contextmanager
+def substituted_embeddings(embedding: torch.nn.Embedding, mask: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
+    """While active, the token embedding's output at `mask` positions is `vectors` (one row per True, in order).
+
+    A forward hook on the stock nn.Embedding: CLIPTextModel (transformers 5) takes no `inputs_embeds`, and a hook
+    keeps its own forward (causal mask, positions, final norm) untouched rather than copying it here.
+    """
+    def replace(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[mask] = vectors.to(output.dtype)
+        return output
+
+    handle = embedding.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class DiffusionDecoder(Decoder):
+    """Noise (or v) prediction loss on a frozen Stable-Diffusion-layout pipeline; bridges condition its text path.
+
+    Bridge inputs: `token_embeds` (B, K, D) replace the K placeholder tokens of the prompt in the text encoder's
+    input (AudioToken, textual inversion); `context` (B, M, D) is appended to the text encoder's output that the
+    U-Net cross-attends to. LoRA/LoKr adapters target `unet` (the default) or `text_encoder`.
+    """
+
+    default_inputs = {"input_ids": "data.input_ids", "pixel_values": "data.pixel_values", "loss_weight": "data.loss_weight"}
+    adapter_target = "unet"
+    output = "image"
+    adapter_modules = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+
+    def __init__(
+        self,
+        checkpoint: str,  # a diffusers pipeline folder or hub id with the SD 1.x/2.x layout, or zoo:NAME
+        placeholder: str = "<*>",  # the prompt word a token bridge stands in for; added to the tokenizer if new
+        placeholder_vectors: int = 1,  # K: the placeholder becomes K tokens, one per bridge output token
+        placeholder_init: str | None = None,  # a word whose embedding initialises a new placeholder row (e.g. the class word)
+        snr_gamma: float | None = None,  # min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value
+        resolution: int | None = None,  # training image size; defaults to the U-Net's sample size times the VAE factor
+        dtype: str = "float32",  # weights dtype of the frozen parts
+    ) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if dtype not in DTYPES:
+            raise MMAdaptError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if placeholder_vectors < 1:
+            raise MMAdaptError(f"placeholder_vectors must be at least 1, got {placeholder_vectors}")
+        self.source = checkpoint
+        folder = resolve_checkpoint(checkpoint)
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+            self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=DTYPES[dtype])
+            self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=DTYPES[dtype])
+            self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=DTYPES[dtype])
+            self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")  # training noise, from the pipeline's schedule
+        except (OSError, ValueError) as exc:
+            raise MMAdaptError(f"cannot load the diffusion pipeline '{checkpoint}': {str(exc).splitlines()[0]}") from None
+        self.folder = folder
+        self.placeholder, self.placeholder_vectors = placeholder, placeholder_vectors
+        self.placeholder_ids = self._add_placeholder(placeholder, placeholder_vectors, placeholder_init)
+        self.snr_gamma = snr_gamma
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = resolution or self.unet.config.sample_size * self.vae_scale
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # --- the placeholder: one new row per vector, or an existing word when the tokenizer already has it ---
+    def _add_placeholder(self, placeholder: str, count: int, init_word: str | None) -> list[int]:
+        tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, count)]  # diffusers' multi-vector naming
+        existing = [t for t in tokens if t in self.tokenizer.get_vocab()]
+        if len(existing) == len(tokens):
+            return self.tokenizer.convert_tokens_to_ids(tokens)
+        self.tokenizer.add_tokens(tokens)
+        table = self.text_encoder.get_input_embeddings()
+        old_rows = table.weight.shape[0]
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        table = self.text_encoder.get_input_embeddings()
+        with torch.no_grad():  # a new row is only a slot a bridge fills; init from a word keeps the plain prompt sensible
+            init = table.weight[:old_rows].mean(0)
+            if init_word is not None:  # a word of several tokens gives their mean (diffusers' script insists on one)
+                init_ids = self.tokenizer(init_word, add_special_tokens=False).input_ids
+                if not init_ids:
+                    raise MMAdaptError(f"placeholder_init '{init_word}' has no tokens")
+                init = table.weight[init_ids].mean(0)
+            table.weight[old_rows:] = init
+        return self.tokenizer.convert_tokens_to_ids(tokens)
+
+    def expand_placeholder(self, prompt: str) -> str:
+        if self.placeholder_vectors == 1:
+            return prompt
+        extra = " ".join(f"{self.placeholder}_{i}" for i in range(1, self.placeholder_vectors))
+        return prompt.replace(self.placeholder, f"{self.placeholder} {extra}")
+
+    # --- widths and identity ---
+    @classmethod
+    def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
+        from mmadapt.nodes import WidthUnknown
+
+        text = read_pipeline_config(str(params.get("checkpoint", "")), "text_encoder")
+        unet = read_pipeline_config(str(params.get("checkpoint", "")), "unet")
+        if text is None or unet is None:
+            raise WidthUnknown(f"{params.get('checkpoint')} is not a local pipeline folder")
+        return {"token_embeds": int(text["hidden_size"]), "context": int(unet["cross_attention_dim"])}
+
+    def widths(self) -> dict[str, int]:
+        return {"token_embeds": self.text_encoder.config.hidden_size, "context": self.unet.config.cross_attention_dim}
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "config_hash": config_hash({"unet": dict(self.unet.config), "vae": dict(self.vae.config),
+                                                                   "text": self.text_encoder.config.to_dict()})}
+
+    # --- data ---
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """RGB, resized (shorter side) and centre-cropped to the training resolution, in [-1, 1]: (3, H, W)."""
+        from torchvision.transforms import functional as TF
+
+        image = image.convert("RGB")
+        image = TF.center_crop(TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC), self.resolution)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L) ids, padded to the tokenizer's max length as Stable Diffusion pipelines do."""
+        expanded = [self.expand_placeholder(p) for p in prompts]
+        return self.tokenizer(expanded, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[str, torch.Tensor, float]:
+        """(prompt, target pixels, loss weight); the sample's text is the prompt, its image the target."""
+        from mmadapt.encoders.image import open_image
+
+        return sample["text"], self.preprocess_image(open_image(sample["image"])), float(sample.get("loss_weight", 1.0))
+
+    def collate(self, rows: list[tuple[str, torch.Tensor, float]]) -> dict[str, torch.Tensor]:
+        """Prompt ids (B, L), target pixels (B, 3, H, W) and per-sample loss weights (B,)."""
+        return {"input_ids": self.tokenize([r[0] for r in rows]), "pixel_values": torch.stack([r[1] for r in rows]),
+                "loss_weight": torch.tensor([r[2] for r in rows])}
+
+    # --- conditioning ---
+    def encode_text(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None,
+                    context: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net's cross-attention states: text encoder output with placeholders filled, then context: (B, L + M, D)."""
+        input_ids = input_ids.to(self.text_encoder.device)
+        if token_embeds is None:
+            states = self.text_encoder(input_ids).last_hidden_state
+        else:
+            mask = torch.isin(input_ids, torch.tensor(self.placeholder_ids, device=input_ids.device))  # (B, L)
+            found = mask.sum(1)
+            if not bool(((found == token_embeds.shape[1]) | (found == 0)).all()) or not bool(found.any()):
+                raise MMAdaptError(f"a prompt needs the placeholder '{self.placeholder}' once ({token_embeds.shape[1]} "
+                                   f"token(s) from the bridge); found {found.tolist()} placeholder tokens per prompt")
+            vectors = token_embeds[found > 0].reshape(-1, token_embeds.shape[-1])  # rows without it (class prompts) skip
+            with substituted_embeddings(self.text_encoder.get_input_embeddings(), mask, vectors):
+                states = self.text_encoder(input_ids).last_hidden_state  # (B, L, D)
+        if context is not None:
+            states = torch.cat([states, context.to(states.dtype)], dim=1)  # (B, L + M, D)
+        return states
+
+    # --- training ---
+    def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            posterior = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
+            return posterior.sample() * self.vae.config.scaling_factor  # (B, 4, h, w)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L) prompt ids with placeholders
+        pixel_values: torch.Tensor | None = None,  # (B, 3, H, W) target images in [-1, 1]
+        latents: torch.Tensor | None = None,  # (B, 4, h, w) scaled VAE latents, e.g. from the feature cache
+        loss_weight: torch.Tensor | None = None,  # (B,) e.g. prior_loss_weight on class images
+        token_embeds: torch.Tensor | None = None,  # (B, K, D_text) from a token bridge
+        context: torch.Tensor | None = None,  # (B, M, D_cross) from a context bridge
+    ) -> dict[str, torch.Tensor]:
+        if latents is None:
+            if pixel_values is None:
+                raise MMAdaptError("the diffusion decoder needs pixel_values (or latents) from the data")
+            latents = self.latents(pixel_values)
+        batch = latents.shape[0]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        states = self.encode_text(input_ids, token_embeds, context)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=states).sample  # (B, 4, h, w)
+        kind = self.scheduler.config.prediction_type
+        target = noise if kind == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if self.snr_gamma is not None:
+            per_sample = per_sample * self.min_snr_weights(timesteps, kind)
+        if loss_weight is not None:
+            per_sample = per_sample * loss_weight.to(per_sample)
+        return {"loss": per_sample.mean(), "per_sample_loss": per_sample.detach()}
+
+    def min_snr_weights(self, timesteps: torch.Tensor, kind: str) -> torch.Tensor:
+        """min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets."""
+        alphas = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=self.snr_gamma)
+        return clipped / (snr + 1) if kind == "v_prediction" else clipped / snr
+
+    # --- sampling: the stock pipeline, fed the graph's conditioning ---
+    def sampling_pipeline(self) -> Any:
+        """A StableDiffusionPipeline sharing this node's modules (adapters included), with the folder's own sampler."""
+        if getattr(self, "_pipeline", None) is None:
+            from diffusers import StableDiffusionPipeline
+
+            self._pipeline = StableDiffusionPipeline.from_pretrained(
+                self.folder, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        token_embeds: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        negative_prompt: str = "",
+        output_type: str = "pil",  # or "np": float arrays in [0, 1], unrounded (exact comparisons)
+    ) -> list[Any]:
+        """Images for prompts; classifier-free guidance uses the negative prompt with zero context tokens."""
+        ids = self.tokenize(prompts)
+        states = self.encode_text(ids, token_embeds, context)
+        negative = self.encode_text(self.tokenize([negative_prompt] * len(prompts)))
+        if context is not None:
+            negative = torch.cat([negative, torch.zeros_like(context, dtype=negative.dtype)], dim=1)
+        pipeline = self.sampling_pipeline()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return pipeline(prompt_embeds=states, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, generator=generator, height=self.resolution, width=self.resolution,
+                        output_type=output_type).images
