@@ -20,7 +20,7 @@ CARD_FORMAT = "mmadapt-card/1"
 WEIGHTS_FILE = "bridge.safetensors"
 RECIPE_FILE = "recipe.yaml"
 META_FILE = "card.json"
-LIBRARIES = ("mmadapt", "torch", "transformers", "peft", "accelerate", "open_clip_torch", "safetensors")
+LIBRARIES = ("mmadapt", "torch", "transformers", "diffusers", "peft", "accelerate", "open_clip_torch", "safetensors")
 
 
 def library_versions() -> dict[str, str]:

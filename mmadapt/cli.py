@@ -116,14 +116,16 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     from mmadapt.train import Trainer
     from mmadapt.validate import load_recipe
 
-    if len(list_images(args.images, "--images")) < 3:
-        raise MMAdaptError(f"--images: {args.images} has {len(list_images(args.images, '--images'))} image(s); personalization needs 3 to 5")
+    found = len(list_images(args.images, "--images"))
+    if found < 3:
+        raise MMAdaptError(f"--images: {args.images} has {found} image(s); personalization needs 3 to 5")
     recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "mini" / PERSONALIZE_RECIPES[args.method]
     if args.recipe:
         recipe_path = Path(args.recipe)
     overrides = [f"data.instance_dir={args.images}", f"data.instance_prompt=a {args.token} {args.class_word}",
-                 f"data.class_prompt=a {args.class_word}",
                  f"graph.sd.placeholder={args.token}", f"graph.sd.placeholder_init={args.class_word}"]
+    if args.class_prompt:
+        overrides.append(f"data.class_prompt={args.class_prompt}")
     if args.checkpoint:
         overrides.append(f"graph.sd.checkpoint={args.checkpoint}")
     if args.output_dir:
@@ -142,10 +144,10 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from mmadapt.personalize import write_framed_examples
+    from mmadapt.personalize import write_style_examples
 
-    paths = write_framed_examples(args.folder)
-    print(f"wrote {len(paths)} framed digits to {args.folder}")
+    paths = write_style_examples(args.folder)
+    print(f"wrote {len(paths)} slanted digits to {args.folder}")
     return 0
 
 
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("--images", required=True, help="a folder of 3-5 images of the subject or style")
     personalize.add_argument("--token", default="<sks>", help="the new word that will name the subject")
     personalize.add_argument("--class-word", default="digit", help="the subject's class, for prior preservation")
+    personalize.add_argument("--class-prompt", help="prompt of the prior-preservation images (default: the recipe's)")
     personalize.add_argument("--method", choices=list(PERSONALIZE_RECIPES), default="lora")
     personalize.add_argument("--checkpoint", help="a Stable Diffusion pipeline folder or hub id (default: zoo:digits-sd)")
     personalize.add_argument("--recipe", help="start from this recipe instead of the mini one")
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     personalize.set_defaults(handler=cmd_personalize)
     data = sub.add_parser("data", help="write example data")
-    data.add_argument("dataset", choices=["framed-digits"], help="framed-digits: the mini personalization example")
+    data.add_argument("dataset", choices=["slanted-digits"], help="slanted-digits: the mini personalization example")
     data.add_argument("folder")
     data.set_defaults(handler=cmd_data)
     return parser

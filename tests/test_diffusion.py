@@ -67,9 +67,9 @@ def recipe_for(tmp_path: Path, folder: Path, token: bool = True, adapter: str | 
 
 
 def write_instances(folder: Path, count: int = 3) -> Path:
-    from mmadapt.personalize import write_framed_examples
+    from mmadapt.personalize import write_style_examples
 
-    paths = write_framed_examples(folder)
+    paths = write_style_examples(folder)
     for extra in paths[count:]:
         extra.unlink()
     return folder
@@ -233,4 +233,7 @@ def test_dreambooth_data_needs_three_images_and_makes_class_images_once(sd_folde
     assert [p.stat().st_mtime_ns for p in made] == stamps  # reused, not regenerated
     weights = sorted(data[i]["loss_weight"] for i in range(len(data)))
     assert weights == [0.5] * 4 + [1.0] * 4
-    assert {data[i]["prompt"] for i in range(4)} == {"a <sks> digit"} and {data[i]["prompt"] for i in range(4, 8)} == {"a digit"}
+    assert {data[i]["prompt"] for i in range(4)} == {"a <sks> zero", "a <sks> three", "a <sks> five"}  # their caption files
+    assert {data[i]["prompt"] for i in range(4, 8)} == {"a digit"}
+    (tmp_path / "three" / "slanted-zero.txt").unlink()
+    assert "a <sks> digit" in {data[i]["prompt"] for i in range(4)}  # no caption file: the folder's prompt

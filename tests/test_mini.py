@@ -31,6 +31,7 @@ def train_mini(tmp_path: Path, *extra: str) -> dict:
 
 def test_qformer_recipe_learns_to_name_digits(tmp_path: Path) -> None:
     figures = train_mini(tmp_path)
+    print("CI-sized figures:", figures["caption_accuracy"], figures["zero_shot"])
     assert figures["caption_accuracy"] >= CAPTION_FLOOR, figures["examples"]
     assert figures["cider"] > 1.0
 
@@ -51,3 +52,5 @@ def test_full_recipe_reaches_its_target(name: str, tmp_path: Path) -> None:
     figures = evaluate_digits(trainer.model)
     target = {"qformer": 0.95, "projector": 0.90}.get(name, 0.80)
     assert figures["caption_accuracy"] >= target
+    if name in ("qformer", "prefix"):  # the zero-shot target, met by the best bridges (measured 100% on both)
+        assert figures["zero_shot"]["Is it even?"] >= 0.80

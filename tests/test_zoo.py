@@ -18,7 +18,7 @@ def test_split_is_stored_fixed_disjoint_and_complete() -> None:
 
 
 def test_zoo_fits_its_budget_and_resolves_by_name() -> None:
-    assert {"digits-clip", "digits-lm"} <= set(zoo_members())
+    assert {"digits-clip", "digits-lm", "digits-sd"} <= set(zoo_members())
     size = sum(p.stat().st_size for p in ZOO_DIR.rglob("*") if p.is_file() and p.suffix != ".py")
     assert size <= 40 * 1024 * 1024, f"the zoo is {size / 2**20:.1f} MB"
     assert resolve_checkpoint("zoo:digits-lm") == str(ZOO_DIR / "digits-lm")
@@ -49,3 +49,13 @@ def test_digits_lm_answers_from_text_context() -> None:
     recorded = json.loads((folder / "quality.json").read_text())["qa_seen_contexts"]
     assert seen == pytest.approx(recorded, abs=1e-9)
     assert digits_lm.answer_greedy(model, tokenizer, ["a handwritten seven. Question: Is it even? Answer:"]) == ["no"]
+
+
+def test_digits_sd_draws_the_prompted_digit_through_the_stock_pipeline() -> None:
+    from mmadapt.zoo import digits_sd
+
+    folder = ZOO_DIR / "digits-sd"
+    figures = digits_sd.quality(folder)  # StableDiffusionPipeline.from_pretrained(folder), judged by the SVC referee
+    assert figures["referee_accuracy"] >= 0.85
+    recorded = json.loads((folder / "quality.json").read_text())["referee_accuracy"]
+    assert figures["referee_accuracy"] == pytest.approx(recorded, abs=0.02)  # the shipped weights are the ones measured

@@ -55,7 +55,8 @@ class DiffusionDecoder(Decoder):
     U-Net cross-attends to. LoRA/LoKr adapters target `unet` (the default) or `text_encoder`.
     """
 
-    default_inputs = {"input_ids": "data.input_ids", "pixel_values": "data.pixel_values", "loss_weight": "data.loss_weight"}
+    default_inputs = {"input_ids": "data.input_ids", "pixel_values": "data.pixel_values", "loss_weight": "data.loss_weight",
+                      "prior": "data.prior"}
     adapter_target = "unet"
     output = "image"
     adapter_modules = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
@@ -156,28 +157,33 @@ class DiffusionDecoder(Decoder):
         return self.tokenizer(expanded, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
                               return_tensors="pt").input_ids
 
-    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[str, torch.Tensor, float]:
-        """(prompt, target pixels, loss weight); the sample's text is the prompt, its image the target."""
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[str, torch.Tensor, float, bool]:
+        """(prompt, target pixels, loss weight, is a class image); the sample's text is the prompt, its image the target."""
         from mmadapt.encoders.image import open_image
 
-        return sample["text"], self.preprocess_image(open_image(sample["image"])), float(sample.get("loss_weight", 1.0))
+        return (sample["text"], self.preprocess_image(open_image(sample["image"])), float(sample.get("loss_weight", 1.0)),
+                bool(sample.get("prior", False)))
 
-    def collate(self, rows: list[tuple[str, torch.Tensor, float]]) -> dict[str, torch.Tensor]:
-        """Prompt ids (B, L), target pixels (B, 3, H, W) and per-sample loss weights (B,)."""
+    def collate(self, rows: list[tuple[str, torch.Tensor, float, bool]]) -> dict[str, torch.Tensor]:
+        """Prompt ids (B, L), target pixels (B, 3, H, W), per-sample loss weights (B,) and class-image flags (B,)."""
         return {"input_ids": self.tokenize([r[0] for r in rows]), "pixel_values": torch.stack([r[1] for r in rows]),
-                "loss_weight": torch.tensor([r[2] for r in rows])}
+                "loss_weight": torch.tensor([r[2] for r in rows]), "prior": torch.tensor([r[3] for r in rows])}
 
     # --- conditioning ---
     def encode_text(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None,
-                    context: torch.Tensor | None = None) -> torch.Tensor:
-        """The U-Net's cross-attention states: text encoder output with placeholders filled, then context: (B, L + M, D)."""
+                    context: torch.Tensor | None = None, prior_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net's cross-attention states: text encoder output with placeholders filled, then context: (B, L + M, D).
+
+        Every prompt needs the placeholder, except prior-preservation rows (`prior_rows`), whose class prompts have none.
+        """
         input_ids = input_ids.to(self.text_encoder.device)
         if token_embeds is None:
             states = self.text_encoder(input_ids).last_hidden_state
         else:
             mask = torch.isin(input_ids, torch.tensor(self.placeholder_ids, device=input_ids.device))  # (B, L)
             found = mask.sum(1)
-            if not bool(((found == token_embeds.shape[1]) | (found == 0)).all()) or not bool(found.any()):
+            exempt = prior_rows.to(found.device).bool() if prior_rows is not None else torch.zeros_like(found, dtype=torch.bool)
+            if not bool(((found == token_embeds.shape[1]) | ((found == 0) & exempt)).all()):
                 raise MMAdaptError(f"a prompt needs the placeholder '{self.placeholder}' once ({token_embeds.shape[1]} "
                                    f"token(s) from the bridge); found {found.tolist()} placeholder tokens per prompt")
             vectors = token_embeds[found > 0].reshape(-1, token_embeds.shape[-1])  # rows without it (class prompts) skip
@@ -199,6 +205,7 @@ class DiffusionDecoder(Decoder):
         pixel_values: torch.Tensor | None = None,  # (B, 3, H, W) target images in [-1, 1]
         latents: torch.Tensor | None = None,  # (B, 4, h, w) scaled VAE latents, e.g. from the feature cache
         loss_weight: torch.Tensor | None = None,  # (B,) e.g. prior_loss_weight on class images
+        prior: torch.Tensor | None = None,  # (B,) True for prior-preservation (class) images
         token_embeds: torch.Tensor | None = None,  # (B, K, D_text) from a token bridge
         context: torch.Tensor | None = None,  # (B, M, D_cross) from a context bridge
     ) -> dict[str, torch.Tensor]:
@@ -210,7 +217,7 @@ class DiffusionDecoder(Decoder):
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        states = self.encode_text(input_ids, token_embeds, context)
+        states = self.encode_text(input_ids, token_embeds, context, prior_rows=prior)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=states).sample  # (B, 4, h, w)
         kind = self.scheduler.config.prediction_type
         target = noise if kind == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)

@@ -64,11 +64,12 @@ def random_pipeline(seed: int = 0) -> Any:
     return assemble_pipeline(AutoencoderKL(**VAE), text_encoder_for(tokenizer), tokenizer, UNet2DConditionModel(**UNET))
 
 
-def text_encoder_for(tokenizer: Any) -> Any:
+def text_encoder_for(tokenizer: Any, sizes: dict[str, int] | None = None) -> Any:
+    """A random CLIP text encoder whose vocabulary and special ids match the tokenizer; `sizes` replaces TEXT."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT))
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **(sizes or TEXT)))
 
 
 def train_vae(pixels: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator) -> Any:
