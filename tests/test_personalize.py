@@ -33,6 +33,7 @@ def test_personalize_needs_three_images(tmp_path: Path, capsys: pytest.CaptureFi
     assert "has 2 image(s); personalization needs 3 to 5" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # opt-in: its style floor at 200 steps is not yet measured
 def test_personalize_writes_a_card_the_stock_pipeline_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A CI-sized run (200 steps, 8 class images): the export loads into StableDiffusionPipeline and the token frames."""
     import torch
@@ -47,7 +48,7 @@ def test_personalize_writes_a_card_the_stock_pipeline_loads(tmp_path: Path, caps
     card = tmp_path / "run" / "card"
     exported = sorted(p.name for p in (card / "diffusers").iterdir())
     assert exported == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
-    assert len(list((tmp_path / "run" / "class_images").iterdir())) == 8
+    assert len(list((tmp_path / "run" / "class_images").glob("*.png"))) == 8
     pipeline = StableDiffusionPipeline.from_pretrained(resolve_checkpoint("zoo:digits-sd"))
     pipeline.set_progress_bar_config(disable=True)
     pipeline.load_lora_weights(str(card / "diffusers"))
