@@ -76,6 +76,12 @@ def save_card(model: AssembledModel, directory: str | Path) -> Path:
     return directory
 
 
+def peft_config_of(module: Any) -> Any | None:
+    """The peft config injected into a module under the default adapter name, if any."""
+    configs = getattr(module, "peft_config", None)
+    return configs.get("default") if configs else None
+
+
 def export_peft_adapters(model: AssembledModel, folder: Path) -> None:
     """Also write each node's LoRA in peft's own layout, so `PeftModel.from_pretrained(base, dir)` loads it."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -87,7 +93,7 @@ def export_peft_adapters(model: AssembledModel, folder: Path) -> None:
             target = getattr(node, inner)
             if not any(isinstance(m, BaseTunerLayer) for m in target.modules()):
                 continue
-            config = target.peft_config["default"] if hasattr(target, "peft_config") else None
+            config = peft_config_of(target)
             if config is None:
                 continue
             out = folder / (name if inner == node.adapter_target else f"{name}.{inner}")

@@ -7,16 +7,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mmadapt.card import peft_config_of
 from mmadapt.errors import CardError
 from mmadapt.model import AssembledModel
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for first
 TEXTUAL_INVERSION = "learned_embeds.safetensors"  # the file name load_textual_inversion looks for first
-
-
-def peft_config_of(module: torch.nn.Module) -> Any | None:
-    configs = getattr(module, "peft_config", None)
-    return configs.get("default") if configs else None
 
 
 def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:

@@ -117,6 +117,7 @@ class AssembledModel(nn.Module):
     def generate(self, batch: dict[str, Any], prompts: list[str], **settings: Any) -> list[Any]:
         """Run encoders and bridges, then let the decoder generate from their outputs (text, or images)."""
         outputs = self.run_nodes(batch, until_decoder=True)
-        bridged = {port: torch.cat([outputs[r.source] if r.key is None else outputs[r.source][r.key] for r in refs], dim=1)
-                   for port, refs in self.plan.inputs[self.decoder_name].items() if not any(r.is_data for r in refs)}
+        name = self.decoder_name
+        bridged = {port: torch.cat([self._fetch(name, port, r, batch, outputs) for r in refs], dim=1)
+                   for port, refs in self.plan.inputs[name].items() if not any(r.is_data for r in refs)}
         return self.decoder.generate(prompts, **bridged, **settings)

@@ -226,7 +226,7 @@ def test_dreambooth_data_needs_three_images_and_makes_class_images_once(sd_folde
     data = DreamBoothImages(str(write_instances(tmp_path / "three")), "a <sks> digit", class_prompt="a digit",
                             num_class_images=4, prior_loss_weight=0.5)
     data.prepare(model, tmp_path / "run")
-    made = sorted((tmp_path / "run" / "class_images").iterdir())
+    made = sorted((tmp_path / "run" / "class_images").glob("*.png"))  # each has a .txt caption beside it
     assert len(made) == 4 and len(data) == 8
     stamps = [p.stat().st_mtime_ns for p in made]
     data.prepare(model, tmp_path / "run")
