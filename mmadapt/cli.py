@@ -46,7 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(recipe, plan)
     card = trainer.train(resume=args.resume)
     print(f"card: {card}")
-    if recipe.data.get("type") == "digits_captions" and trainer.is_main:
+    from mmadapt.evaluate import is_labelled
+
+    if is_labelled(recipe.data) and trainer.is_main:
         report_digits(trainer.model, card, grid=None)
     return 0
 
@@ -63,12 +65,16 @@ def report_digits(model: Any, card: Any, grid: str | None, limit: int | None = N
         print(f"test samples: {figures['samples']}")
         print(f"referee reads the input digit in the generated picture: {figures['referee_accuracy']:.3f}")
         print(f"per digit: {figures['per_digit']}")
+        if figures["referee_accuracy_by_group"]:
+            print(f"per group: {figures['referee_accuracy_by_group']}")
         (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
         return
     figures = evaluate_digits(model, limit=limit)
     captions = figures.pop("captions")
     print(f"test samples: {figures['samples']}")
     print(f"caption accuracy: {figures['caption_accuracy']:.3f}")
+    if figures["caption_accuracy_by_group"]:
+        print(f"caption accuracy per group: {figures['caption_accuracy_by_group']}")
     for question, value in figures["zero_shot"].items():
         print(f"zero-shot '{question}': {value:.3f} (caption-then-answer pipeline: {figures['caption_then_answer'][question]:.3f})")
     print(f"CIDEr: {figures['cider']:.3f}")
@@ -76,18 +82,19 @@ def report_digits(model: Any, card: Any, grid: str | None, limit: int | None = N
         print(f"  e.g. {example}")
     if limit is None:
         (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
-    if grid:
+    if grid and model.recipe.data.get("type") == "digits_captions":
         caption_grid(captions, Path(grid))
         print(f"grid: {grid}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from mmadapt.errors import MMAdaptError
+    from mmadapt.evaluate import is_labelled
     from mmadapt.inference import load_card
 
     model = load_card(args.card)
-    if model.recipe.data.get("type") != "digits_captions":
-        raise MMAdaptError(f"{args.card}: eval measures digits cards (data type digits_captions); this card trained on {model.recipe.data.get('type')}")
+    if not is_labelled(model.recipe.data):
+        raise MMAdaptError(f"{args.card}: eval measures cards trained on labelled digits data (digits_captions, fsdd_captions, digits_points); this card trained on {model.recipe.data.get('type')}")
     report_digits(model, args.card, grid=args.grid, limit=args.limit)
     return 0
 
@@ -151,6 +158,15 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a Gradio demo on the miniature zoo (or the given cards); blocks until Ctrl-C."""
+    from mmadapt.demo import Limits, demo_module
+
+    limits = Limits(max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds)
+    demo_module(args.name).main(args.card, host=args.host, port=args.port, share=args.share, limits=limits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmadapt", description="Train small bridges between frozen encoders and generators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("--report", action="store_true", help="also measure style and referee figures (mini world)")
     personalize.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     personalize.set_defaults(handler=cmd_personalize)
+    from mmadapt.demo import DEFAULT_HOST, DEMOS, Limits
+
+    demo = sub.add_parser("demo", help="start a Gradio demo: vlm, audio2image or personalize (offline, mini zoo by default)")
+    demo.add_argument("name", choices=list(DEMOS))
+    demo.add_argument("--card", action="append", help="a card folder (repeatable: the page offers each); default: the shipped mini card")
+    demo.add_argument("--port", type=int, help="default: Gradio's, 7860 or the next free one")
+    demo.add_argument("--host", default=DEFAULT_HOST, help="the address to bind; 0.0.0.0 exposes the demo to the network")
+    demo.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    demo.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels, help="larger uploads are refused")
+    demo.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds, help="longer clips are refused")
+    demo.set_defaults(handler=cmd_demo)
     data = sub.add_parser("data", help="write example data")
     data.add_argument("dataset", choices=["slanted-digits"], help="slanted-digits: the mini personalization example")
     data.add_argument("folder")

@@ -94,6 +94,8 @@ def caption_for(label: int, style: str, rng: random.Random) -> str:
 class DigitsCaptions(Dataset):
     """Each sample: a digit image and a caption naming it ('varied' draws one of several phrasings)."""
 
+    digit_labels = True  # `mmadapt eval` measures cards trained on it by the digit their output names
+
     def __init__(
         self,
         split: str = "train",  # train | val | test, from the stored split

@@ -1,4 +1,4 @@
-"""`mmadapt eval`: caption accuracy, zero-shot QA, CIDEr and examples of a digits card on the test split."""
+"""`mmadapt eval`: caption accuracy, zero-shot QA, CIDEr and examples of a labelled-digits card (image, audio or 3D) on the test split."""
 from __future__ import annotations
 
 import re
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from mmadapt.data import format_sample
 from mmadapt.inference import generate_for_samples
@@ -35,12 +36,41 @@ def cider(references: dict[int, list[str]], generated: dict[int, str]) -> float:
     return float(score)
 
 
+def is_labelled(data: dict[str, Any]) -> bool:
+    """Whether a recipe's `data:` section is a dataset of digits with labels (images, recordings, point clouds)."""
+    from mmadapt.registry import DATA_TYPES, UnknownType, resolve
+
+    try:
+        return bool(getattr(resolve(str(data.get("type", "")), DATA_TYPES), "digit_labels", False))
+    except UnknownType:
+        return False
+
+
+def labelled_split(model: AssembledModel, split: str = "test", limit: int | None = None, **changes: Any) -> Dataset:
+    """The card's own dataset type and settings, on another split with one fixed caption per sample."""
+    from mmadapt.data import build_dataset
+
+    if not is_labelled(model.recipe.data):
+        raise MMAdaptError(f"eval measures cards trained on labelled digits data (e.g. digits_captions); this card trained on {model.recipe.data.get('type')}")
+    return build_dataset({**model.recipe.data, "split": split, "style": "fixed", "limit": limit, **changes})
+
+
+def accuracy_by_group(dataset: Dataset, hits: list[bool]) -> dict[str, float]:
+    """Accuracy per group (e.g. per speaker) for datasets that define `group(position)`; empty otherwise."""
+    if not hasattr(dataset, "group"):
+        return {}
+    totals: dict[str, list[int]] = {}
+    for position, hit in enumerate(hits):
+        totals.setdefault(dataset.group(position), []).append(int(hit))
+    return {group: sum(v) / len(v) for group, v in sorted(totals.items())}
+
+
 @torch.no_grad()
 def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | None = None, batch_size: int = 100,
                     max_new_tokens: int = 8) -> dict[str, Any]:
     """Every figure of the README table for one card."""
     model.eval()
-    dataset = DigitsCaptions(split=split, style="fixed", limit=limit)
+    dataset = labelled_split(model, split, limit)
     labels = [dataset.label(i) for i in range(len(dataset))]
     data = model.recipe.data  # captions are asked for the way the bridge was trained: its template and prompt
     caption_prompt = format_sample(data.get("template", "caption"), "", data.get("prompt", ""))[0]
@@ -62,6 +92,7 @@ def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | Non
     return {
         "samples": len(dataset),
         "caption_accuracy": accuracy([named_digit(c) for c in captions], labels),
+        "caption_accuracy_by_group": accuracy_by_group(dataset, [named_digit(c) == d for c, d in zip(captions, labels)]),
         "zero_shot": {q: accuracy([answer_word(a) for a in answers[q]], [f(d) for d in labels]) for q, f in ZERO_SHOT.items()},
         "caption_then_answer": {q: accuracy([answer_word(a) for a in pipeline[q]], [f(d) for d in labels]) for q, f in ZERO_SHOT.items()},
         "cider": cider(references, dict(enumerate(captions))),
@@ -99,11 +130,12 @@ def evaluate_image_token(model: AssembledModel, split: str = "test", limit: int 
 
     model.eval()
     text = str(model.recipe.data.get("text", "<*>"))
-    dataset = DigitsCaptions(split=split, style="fixed", limit=limit, text=text)
+    dataset = labelled_split(model, split, limit, text=text)
     labels = [dataset.label(i) for i in range(len(dataset))]
     read: list[int] = []
     for offset in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(offset, min(offset + batch_size, len(dataset)))]
         read += read_digits(generate_for_samples(model, samples, text, seed=seed + offset))
     per_digit = {WORDS[d]: sum(r == d for r, lab in zip(read, labels) if lab == d) / max(1, labels.count(d)) for d in range(10)}
-    return {"samples": len(dataset), "referee_accuracy": sum(r == d for r, d in zip(read, labels)) / len(labels), "per_digit": per_digit}
+    return {"samples": len(dataset), "referee_accuracy": sum(r == d for r, d in zip(read, labels)) / len(labels), "per_digit": per_digit,
+            "referee_accuracy_by_group": accuracy_by_group(dataset, [r == d for r, d in zip(read, labels)])}
