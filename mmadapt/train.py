@@ -19,6 +19,7 @@ from mmadapt.cache import FeatureCache
 from mmadapt.card import load_card_weights, save_card, write_card
 from mmadapt.checkpoint_io import atomic_dir, load_trainer_state, rng_state, save_trainer_state, set_rng_state
 from mmadapt.data import Collator, batch_to_device, build_dataset
+from mmadapt.decoders.causal_lm import IGNORE_INDEX
 from mmadapt.errors import DataError, TrainingError
 from mmadapt.graph import Plan
 from mmadapt.model import AssembledModel
@@ -36,7 +37,9 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(size, generator=generator).tolist()
         per_rank = size // world  # equal shares, so every rank takes the same number of steps
-        self.indices = order[rank * per_rank: (rank + 1) * per_rank][start:]
+        # Strided, not sliced: micro-batch k of all ranks together holds the samples a single process would put
+        # in its batch k (at batch_size x world), so a DDP run follows the single-process loss curve.
+        self.indices = order[: per_rank * world][rank::world][start:]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -61,6 +64,12 @@ def micro_batches(dataset: Dataset, collator: Collator, cfg: Any, rank: int, wor
         for batch in loader:
             consumed += 1
             yield consumed, batch
+
+
+def loss_items(model: AssembledModel, batch: dict[str, Any]) -> int:
+    """How many items a micro-batch's mean loss runs over: scored tokens where the decoder takes labels, else samples."""
+    labels = batch["node_inputs"].get(model.decoder_name, {}).get("labels")
+    return int((labels != IGNORE_INDEX).sum()) if labels is not None else int(batch["size"])
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -191,22 +200,28 @@ class Trainer:
         self.model.train()
         while step < cfg.steps:
             started = time.perf_counter()
-            losses = []
-            for micro in range(cfg.grad_accum):
+            micro_batches_now = []
+            for _ in range(cfg.grad_accum):
                 consumed, batch = self._next_usable(data)
-                batch = batch_to_device(batch, acc.device)
+                micro_batches_now.append(batch_to_device(batch, acc.device))
+            # Each micro-batch's loss is a mean over its own items (target tokens); weighting it by its share of
+            # the items of the whole optimizer step, on all ranks, makes DDP and accumulation equal one big batch.
+            items = [loss_items(self.model, b) for b in micro_batches_now]
+            mean_items = acc.reduce(torch.tensor(float(sum(items)), device=acc.device), reduction="sum") / (acc.num_processes * cfg.grad_accum)
+            weighted_sum = torch.zeros((), device=acc.device)
+            for micro, batch in enumerate(micro_batches_now):
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.wrapped)
                 with sync:
-                    loss = self.wrapped(batch)["loss"]  # (,) mean over target tokens
-                    acc.backward(loss / cfg.grad_accum)
-                losses.append(loss.detach())
+                    loss = self.wrapped(batch)["loss"]  # (,) mean over this micro-batch's target tokens
+                    acc.backward(loss * (items[micro] / mean_items) / cfg.grad_accum)
+                weighted_sum += loss.detach() * items[micro]
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.trainable_parameters().values(), cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_value = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            loss_value = (acc.reduce(weighted_sum, reduction="sum") / (mean_items * acc.num_processes * cfg.grad_accum)).item()
             if not math.isfinite(loss_value):
                 last = latest_checkpoint(self.out_dir)
                 raise TrainingError(f"step {step}: the loss is {loss_value}; training stopped. Last good checkpoint: {last or 'none (no checkpoint was saved yet)'}")
