@@ -1,0 +1,103 @@
+"""The `audio2image` demo: a recording in, pictures out, through any card whose encoder hears and whose generator draws."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mmadapt.demo import CARDS_DIR, REPO_ROOT, Limits, as_ui_errors, check_audio, launch, load_demo_card
+from mmadapt.digits import WORDS
+from mmadapt.errors import CardError, DataError
+
+log = logging.getLogger("mmadapt.demo.audio2image")
+DEFAULT_CARD = CARDS_DIR / "mini-audio-token"
+RECIPE = REPO_ROOT / "recipes" / "mini" / "audio-token.yaml"
+MAX_PICTURES = 4
+CSS = "#pictures img {image-rendering: pixelated}"  # the zoo's pictures are 16 px: show pixels, not blur
+
+
+def fsdd_folder() -> Path:
+    """Where the spoken-digit recordings are: $MMADAPT_FSDD, else ../shared/data/fsdd beside the checkout (not in the repo)."""
+    return Path(os.environ.get("MMADAPT_FSDD") or REPO_ROOT.parent / "shared" / "data" / "fsdd")
+
+
+def example_clips() -> list[Path]:
+    """One test-split recording (index 0, FSDD's own convention) of each digit, speakers taken in turn."""
+    folder = fsdd_folder() / "recordings"
+    speakers = sorted({p.stem.split("_")[1] for p in folder.glob("0_*_0.wav")}) if folder.is_dir() else []
+    return [folder / f"{d}_{speakers[d % len(speakers)]}_0.wav" for d in range(len(WORDS))] if speakers else []
+
+
+def audio_field(model: Any) -> str:
+    """The data field the card's audio encoder reads (e.g. 'audio')."""
+    for name, encoder in model.encoders().items():
+        for refs in model.plan.inputs[name].values():
+            for ref in refs:
+                if ref.is_data and encoder.modality == "audio":
+                    return str(ref.key)
+    raise CardError("the card has no audio encoder reading from data")
+
+
+def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> Any:
+    """The audio-to-image page for a card (default: the shipped mini audio-token card); not launched."""
+    import gradio as gr
+
+    limits = limits or Limits()
+    card = Path(card or DEFAULT_CARD)
+    if card == DEFAULT_CARD and not card.is_dir():
+        raise CardError(f"{card}: no shipped audio card yet; train one with `mmadapt train {RECIPE.relative_to(REPO_ROOT)}` "
+                        "and pass its card folder with --card")
+    model = load_demo_card(card, "audio2image", "image", ("audio",))
+    field = audio_field(model)
+    prompt = str(model.recipe.data.get("text") or model.decoder.placeholder)  # what the bridge was trained inside
+    resolution = model.decoder.resolution
+
+    @as_ui_errors
+    def generate(audio: str | None, seed: float, steps: float, guidance: float, pictures: float,
+                 progress: gr.Progress = gr.Progress()) -> list[Any]:
+        from mmadapt.inference import generate_for_samples
+
+        check_audio(audio, limits, "audio")
+        if not 1 <= int(pictures) <= MAX_PICTURES:
+            raise DataError(f"pictures: {pictures} is not between 1 and {MAX_PICTURES}")
+        if not 1 <= int(steps) <= 200:
+            raise DataError(f"steps: {steps} is not between 1 and 200")
+        images = []
+        for offset in progress.tqdm(range(int(pictures)), desc="drawing"):
+            sample = {field: audio, "text": prompt, "key": "demo", "id": 0}
+            images += generate_for_samples(model, [sample], prompt, seed=int(seed) + offset,
+                                           num_inference_steps=int(steps), guidance_scale=float(guidance))
+        return [(image, f"seed {int(seed) + i}") for i, image in enumerate(images)]
+
+    with gr.Blocks(analytics_enabled=False, title="mmadapt: audio to image") as demo:
+        gr.Markdown(f"# Audio to image\nA frozen audio encoder's reading of a clip becomes the word `<*>` in the frozen "
+                    f"diffusion model's prompt `{prompt}` (AudioToken's design). Card: `{card}`.")
+        with gr.Row():
+            with gr.Column():
+                audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Audio", elem_id="audio")
+                clips = example_clips()
+                if clips:
+                    gr.Examples([[str(c)] for c in clips], inputs=[audio], label="Spoken digits (FSDD test split)")
+                else:
+                    gr.Markdown(f"No example clips: the FSDD recordings are not at {fsdd_folder()} (set MMADAPT_FSDD).")
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, label="Seed")
+                    steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                with gr.Row():
+                    guidance = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="Guidance")
+                    pictures = gr.Slider(1, MAX_PICTURES, value=2, step=1, label="Pictures")
+                button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            with gr.Column():
+                gallery = gr.Gallery(label=f"Pictures ({resolution} px, shown enlarged)", elem_id="pictures",
+                                     columns=2, height=420, format="png", interactive=False)
+        button.click(generate, [audio, seed, steps, guidance, pictures], gallery, api_name="generate")
+        demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.demo.launch passes it
+        demo.demo_allowed_paths = [str(fsdd_folder())]
+    return demo
+
+
+def main(cards: list[str] | None, host: str, port: int | None, share: bool, limits: Limits) -> None:
+    if cards and len(cards) > 1:
+        raise CardError("the audio2image demo takes one --card")
+    launch(build_demo(cards[0] if cards else None, limits), host=host, port=port, share=share)

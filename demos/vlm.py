@@ -1,0 +1,185 @@
+"""The `vlm` demo: caption an input and chat about it with any card whose generator writes text."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mmadapt.data import format_sample
+from mmadapt.demo import (CARDS_DIR, EXAMPLES_DIR, Limits, as_ui_errors, check_audio, check_card_fits_demo, check_image,
+                          image_input, launch, load_demo_card)
+from mmadapt.errors import CardError, DataError
+
+log = logging.getLogger("mmadapt.demo.vlm")
+DEFAULT_CARD = CARDS_DIR / "mini-qformer"
+DIGIT_EXAMPLES = EXAMPLES_DIR / "digits"
+MODALITIES = ("image", "audio", "points")  # what an encoder may read for this demo to offer it a widget
+DECODING = ("greedy", "sampled")
+# The zoo's digits are 8x8: draw them large, as pixels rather than blur.
+CSS = "#vlm-input img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain} .gallery img {image-rendering: pixelated}"
+
+
+def data_fields(model: Any) -> dict[str, str]:
+    """{data field: modality} over the card's encoders, e.g. {'image': 'image'} or {'image': 'image', 'audio': 'audio'}."""
+    fields: dict[str, str] = {}
+    for name, encoder in model.encoders().items():
+        for refs in model.plan.inputs[name].values():
+            fields.update({r.key: encoder.modality for r in refs if r.is_data and r.key})
+    return fields
+
+
+def read_input(modality: str, value: Any, field: str, limits: Limits) -> Any:
+    """An upload checked for its modality, in the form the card's encoder preprocesses."""
+    if modality == "image":
+        return check_image(value, limits, field)
+    if value is None:
+        raise DataError(f"{field}: no {modality} given")
+    if modality == "audio":
+        check_audio(value, limits, field)
+    return value  # audio and point clouds: the encoder opens the checked file itself
+
+
+class CardSet:
+    """The demo's cards, all loaded at start; a listed card that does not fit is kept with its reason."""
+
+    def __init__(self, cards: list[str | Path]) -> None:
+        self.models: dict[str, Any] = {}
+        self.refused: dict[str, str] = {}
+        for card in cards:
+            try:
+                check_card_fits_demo(card, "vlm", "text", MODALITIES)
+            except CardError as exc:
+                if not self.models and not self.refused:
+                    raise  # the first card is the page's own: it must fit
+                self.refused[str(card)] = str(exc)
+                log.warning("%s", exc)
+                continue
+            self.models[str(card)] = model = load_demo_card(card, "vlm", "text", MODALITIES)
+            warm_up(model)
+        self.fields: dict[str, str] = {}
+        for model in self.models.values():
+            self.fields.update(data_fields(model))
+
+    def get(self, card: str) -> Any:
+        if card in self.refused:
+            raise CardError(self.refused[card])
+        if card not in self.models:
+            raise CardError(f"card {card!r} is not one of this demo's cards: {', '.join(self.models)}")
+        return self.models[card]
+
+
+def warm_up(model: Any) -> None:
+    """One caption of a bundled example at start: first-call set-up (kernels, caches) happens before any visitor."""
+    examples = sorted(DIGIT_EXAMPLES.glob("*.png"))
+    if examples and data_fields(model) == {"image": "image"}:
+        answer(model, ["image"], [examples[0]], caption_prompt(model), settings_of("greedy", 1.0, 8), Limits())
+
+
+def settings_of(decoding: str, temperature: float, max_tokens: float) -> dict[str, Any]:
+    if decoding not in DECODING:
+        raise DataError(f"decoding: {decoding!r} is not one of {', '.join(DECODING)}")
+    sampled = decoding == "sampled"
+    return {"max_new_tokens": int(max_tokens), "do_sample": sampled, **({"temperature": float(temperature)} if sampled else {})}
+
+
+def answer(model: Any, fields: dict[str, str], values: list[Any], prompt: str, settings: dict[str, Any], limits: Limits) -> str:
+    """One generation: the card's own inputs from the widgets, the prompt filled into the card's template."""
+    from mmadapt.inference import generate_for_samples
+
+    by_field = dict(zip(fields, values))
+    sample: dict[str, Any] = {"text": "", "key": "demo", "id": 0}
+    for field, modality in data_fields(model).items():
+        sample[field] = read_input(modality, by_field.get(field), field, limits)
+    template = model.recipe.data.get("template", "caption")
+    return generate_for_samples(model, [sample], format_sample(template, "", prompt)[0], **settings)[0].strip()
+
+
+def caption_prompt(model: Any) -> str:
+    """The question the card was trained to caption with (its data prompt), as `mmadapt eval` asks it."""
+    return str(model.recipe.data.get("prompt", ""))
+
+
+def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = None) -> Any:
+    """The caption-and-chat page for the given cards (default: the shipped mini-qformer card); not launched."""
+    import gradio as gr
+
+    limits = limits or Limits()
+    card_set = CardSet([str(c) for c in (cards or [DEFAULT_CARD])])
+    fields = list(card_set.fields)
+    first = next(iter(card_set.models))
+
+    def widgets_for(card: str) -> list[Any]:
+        own = data_fields(card_set.models[card])
+        return [gr.update(visible=f in own) for f in fields]
+
+    @as_ui_errors
+    def switch_card(card: str) -> list[Any]:
+        card_set.get(card)
+        return widgets_for(card)
+
+    @as_ui_errors
+    def caption(card: str, *args: Any) -> str:
+        values, (decoding, temperature, max_tokens) = list(args[: len(fields)]), args[len(fields):]
+        model = card_set.get(card)
+        return answer(model, fields, values, caption_prompt(model), settings_of(decoding, temperature, max_tokens), limits)
+
+    @as_ui_errors
+    def ask(card: str, question: str, history: list[dict[str, Any]] | None, *args: Any) -> tuple[list[dict[str, Any]], str]:
+        values, (decoding, temperature, max_tokens) = list(args[: len(fields)]), args[len(fields):]
+        model = card_set.get(card)
+        if model.recipe.data.get("template", "caption") == "caption":
+            raise DataError(f"card {card}: it was trained with the caption template, which has no question slot")
+        if not (question or "").strip():
+            raise DataError("question: empty; type a question about the input")
+        reply = answer(model, fields, values, question.strip(), settings_of(decoding, temperature, max_tokens), limits)
+        history = list(history or []) + [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": reply}]
+        return history, ""
+
+    with gr.Blocks(analytics_enabled=False, title="mmadapt: caption and chat") as demo:
+        gr.Markdown("# Caption and chat\nA frozen encoder and a frozen language model joined by a small trained bridge "
+                    "(a card). Give an input, get a caption, then ask about it; each question is asked about the "
+                    "input on its own, in the card's prompt template.")
+        card = gr.Dropdown(list(card_set.models) + list(card_set.refused), value=first, label="Card",
+                           interactive=len(cards or []) > 1)
+        with gr.Row():
+            with gr.Column():
+                widgets = []
+                first_fields = data_fields(card_set.models[first])
+                for field in fields:
+                    widgets.append(input_widget(gr, card_set.fields[field], field, visible=field in first_fields))
+                if DIGIT_EXAMPLES.is_dir() and "image" in fields:
+                    examples = sorted(DIGIT_EXAMPLES.glob("*.png"))
+                    gr.Examples([[str(p)] for p in examples], inputs=[widgets[fields.index("image")]],
+                                label="Test digits (the zoo never trained on them)", examples_per_page=10)
+                with gr.Accordion("Generation settings", open=False):
+                    decoding = gr.Radio(list(DECODING), value="greedy", label="Decoding")
+                    temperature = gr.Slider(0.1, 2.0, value=0.8, step=0.05, label="Temperature (sampled only)")
+                    max_tokens = gr.Slider(1, 64, value=16, step=1, label="Max new tokens")
+                caption_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+            with gr.Column():
+                caption_box = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
+                chat = gr.Chatbot(label="Chat", elem_id="chat", height=300)
+                question = gr.Textbox(label="Question", placeholder="Is it even?", elem_id="question")
+                ask_button = gr.Button("Ask", elem_id="ask-button")
+        settings = [decoding, temperature, max_tokens]
+        card.change(switch_card, [card], widgets, api_name="switch_card")
+        caption_button.click(caption, [card, *widgets, *settings], caption_box, api_name="caption")
+        ask_inputs = [card, question, chat, *widgets, *settings]
+        ask_button.click(ask, ask_inputs, [chat, question], api_name="ask")
+        question.submit(ask, ask_inputs, [chat, question], api_name=False)
+        demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.demo.launch passes it
+    return demo
+
+
+def input_widget(gr: Any, modality: str, field: str, visible: bool) -> Any:
+    """The widget for one data field: a picture, a recording, or any other file (e.g. a point cloud)."""
+    label = field.capitalize() if field == modality else f"{field} ({modality})"
+    if modality == "image":
+        return image_input(label=label, elem_id="vlm-input", height=256, visible=visible)
+    if modality == "audio":
+        return gr.Audio(type="filepath", sources=["upload", "microphone"], label=label, visible=visible)
+    return gr.File(label=label, visible=visible)
+
+
+def main(cards: list[str] | None, host: str, port: int | None, share: bool, limits: Limits) -> None:
+    launch(build_demo(cards, limits), host=host, port=port, share=share)

@@ -1,0 +1,325 @@
+"""The Gradio demos end to end: real servers on 127.0.0.1 driven by gradio_client, and by headless Chromium."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser or driver: the system ones only
+
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from mmadapt.demo import EXAMPLES_DIR, REPO_ROOT, Limits, check_audio, launch  # noqa: E402
+from mmadapt.errors import CardError, DataError  # noqa: E402
+from mmadapt.evaluate import named_digit  # noqa: E402
+
+DIGITS = sorted((EXAMPLES_DIR / "digits").glob("*.png"))
+SLANTED = sorted((REPO_ROOT / "examples" / "slanted-digits").iterdir())
+SCREENSHOTS = os.environ.get("MMADAPT_DEMO_SCREENSHOTS")  # a folder (e.g. docs) to keep the browser screenshots in
+STUDIO_STEPS = 800 if SCREENSHOTS else 10  # README screenshots show the recipe's full run; tests a short one
+SMALL_LIMITS = Limits(max_image_pixels=32 * 32)  # the zoo's digits are 8x8; a 64x64 upload stands for "too large"
+
+
+def label_of(path: Path) -> int:
+    return int(path.name.split("-")[0])  # examples are named <digit>-<word>-sklearn<index>.png
+
+
+def serve(demo: Any) -> tuple[Any, Client]:
+    launch(demo, port=None, block=False)
+    assert demo.local_url.startswith("http://127.0.0.1:")  # bound to the loopback address by default
+    return demo, Client(demo.local_url, verbose=False)
+
+
+def save_card_of(recipe: str, folder: Path) -> Path:
+    """A real card of another kind (the untrained image-token graph: digits in, pictures out)."""
+    from mmadapt.assemble import assemble
+    from mmadapt.card import save_card
+    from mmadapt.validate import load_recipe
+
+    return save_card(assemble(*load_recipe(str(REPO_ROOT / recipe))), folder)
+
+
+@pytest.fixture(scope="module")
+def picture_card(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_card_of("recipes/mini/image-token.yaml", tmp_path_factory.mktemp("cards") / "image-token")
+
+
+@pytest.fixture(scope="module")
+def vlm(picture_card: Path) -> Iterator[tuple[Any, Client]]:
+    from demos.vlm import DEFAULT_CARD, build_demo
+
+    demo, client = serve(build_demo([DEFAULT_CARD, picture_card], SMALL_LIMITS))
+    yield demo, client
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Client]]:
+    from demos.personalize import build_demo
+
+    work = tmp_path_factory.mktemp("studio")
+    demo, client = serve(build_demo(work, SMALL_LIMITS, overrides=[] if SCREENSHOTS else ["data.num_class_images=4"],
+                                    default_steps=STUDIO_STEPS))
+    yield demo, client
+    demo.close()
+
+
+def caption(client: Client, card: str, image: Any) -> str:
+    return client.predict(card, image, "greedy", 1.0, 16, api_name="/caption")
+
+
+# --- vlm ---
+def test_vlm_captions_name_the_digit_and_answers_follow_up_questions(vlm: tuple[Any, Client]) -> None:
+    from demos.vlm import DEFAULT_CARD
+
+    _, client = vlm
+    for path in DIGITS[::3]:
+        text = caption(client, str(DEFAULT_CARD), handle_file(path))
+        assert named_digit(text) == label_of(path), (path.name, text)
+    seven = next(p for p in DIGITS if label_of(p) == 7)
+    history, cleared = client.predict(str(DEFAULT_CARD), "Is it even?", [], handle_file(seven), "greedy", 1.0, 16, api_name="/ask")
+    assert cleared == ""
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert "no" in history[1]["content"][0]["text"].lower().split(".")[0]  # seven is odd
+    sampled = client.predict(str(DEFAULT_CARD), handle_file(seven), "sampled", 0.7, 4, api_name="/caption")
+    assert 0 < len(sampled.split()) <= 4  # max tokens caps the reply
+
+
+def test_vlm_bad_requests_get_messages_and_the_server_stays_up(vlm: tuple[Any, Client], picture_card: Path,
+                                                                tmp_path: Path) -> None:
+    from demos.vlm import DEFAULT_CARD
+
+    _, client = vlm
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    large = tmp_path / "large.png"
+    Image.new("RGB", (64, 64), "white").save(large)
+    card = str(DEFAULT_CARD)
+    cases = [
+        (lambda: caption(client, card, handle_file(not_image)), "notes.png is not an image"),
+        (lambda: caption(client, card, handle_file(large)), "large.png is 64x64 = 4,096 pixels; the limit is 1,024"),
+        (lambda: caption(client, card, None), "no image given"),
+        (lambda: client.predict(str(picture_card), api_name="/switch_card"), "does not fit the vlm demo: its generator makes image"),
+        (lambda: caption(client, str(picture_card), handle_file(DIGITS[0])), "does not fit the vlm demo"),
+        (lambda: client.predict(card, "   ", [], handle_file(DIGITS[0]), "greedy", 1.0, 8, api_name="/ask"), "question: empty"),
+    ]
+    for request, message in cases:
+        with pytest.raises(AppError, match=message.replace("(", r"\(")):
+            request()
+    assert named_digit(caption(client, card, handle_file(DIGITS[4]))) == label_of(DIGITS[4])
+
+
+def test_a_card_that_does_not_fit_stops_the_cli_with_a_message(picture_card: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mmadapt.cli import main
+
+    assert main(["demo", "vlm", "--card", str(picture_card)]) == 2
+    assert "does not fit the vlm demo: its generator makes image; the vlm demo shows text" in capsys.readouterr().err
+    assert main(["demo", "audio2image", "--card", str(REPO_ROOT / "demos" / "cards" / "mini-qformer")]) == 2
+    assert "does not fit the audio2image demo" in capsys.readouterr().err
+
+
+# --- personalize ---
+def test_studio_trains_shows_before_and_after_and_offers_the_card_and_lora(studio: tuple[Any, Client]) -> None:
+    _, client = studio
+    job = client.submit([handle_file(p) for p in SLANTED], "<sks>", "digit", "lora", 10, "a {token} seven", "handwritten",
+                        api_name="/train")
+    seen = []
+    while not job.done():
+        status = job.status()
+        seen += [u.desc for u in (status.progress_data or []) if u.desc]
+        time.sleep(0.2)
+    message, grid, card_zip, exported = job.result()
+    assert message.startswith("Done: 10 steps")
+    assert any(d.startswith("step ") and " · loss " in d and " s left" in d for d in seen), seen  # the live progress
+    assert Image.open(grid).size == (190 + 2 * (128 + 6), 20 + 2 * (128 + 6))  # 2 rows (before, after) x 2 seeds
+    assert {"bridge.safetensors", "recipe.yaml", "card.json"} <= set(zipfile.ZipFile(card_zip).namelist())
+    assert sorted(Path(p).name for p in exported) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
+
+
+def test_studio_bad_requests_get_messages_then_a_run_can_be_cancelled(studio: tuple[Any, Client], tmp_path: Path) -> None:
+    _, client = studio
+    images = [p for p in SLANTED if p.suffix == ".png"]
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a picture")
+    pdf = tmp_path / "notes.pdf"
+    pdf.write_bytes(b"%PDF-1.4")
+    six = []
+    for index in range(6):
+        six.append(tmp_path / f"copy-{index}.png")
+        shutil.copy(images[index % len(images)], six[-1])
+
+    def train(files: list[Path], token: str = "<sks>", prompts: str = "a {token} seven", steps: int = 10) -> Any:
+        return client.submit([handle_file(p) for p in files], token, "digit", "lora", steps, prompts, "handwritten",
+                             api_name="/train")
+
+    cases = [
+        (images[:2], {}, "2 picture\\(s\\); personalization needs 3 to 5"),
+        (six, {}, "6 picture\\(s\\); personalization needs 3 to 5"),
+        ([*images[:3], fake], {}, "fake.png is not an image"),
+        ([*images[:3], pdf], {}, "notes.pdf: not a picture"),
+        (images, {"token": "two words"}, "token: 'two words' must be one word"),
+        (images, {"prompts": "a seven"}, "grid prompts: one prompt per line, each with \\{token\\}"),
+    ]
+    for files, changes, message in cases:
+        with pytest.raises(AppError, match=message):
+            train(files, **changes).result()
+    job = train(images, steps=1600)
+    while not any(u.index for u in (job.status().progress_data or [])):  # wait for the first training step
+        assert not job.done(), job.result()
+        time.sleep(0.2)
+    assert client.predict(api_name="/cancel").startswith("Cancelled")
+    deadline = time.time() + 60
+    while not job.done() and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.done()  # the page is free again; a good run still succeeds afterwards
+    assert client.predict(api_name="/cancel") == "Nothing is training."
+    assert train(images).result()[0].startswith("Done: 10 steps")
+
+
+# --- audio2image ---
+def test_audio_checks_refuse_non_audio_long_and_silent_clips(tmp_path: Path) -> None:
+    import soundfile
+
+    rate = 8000
+    tone = 0.3 * np.sin(np.linspace(0, 2 * np.pi * 440, rate // 2)).astype(np.float32)
+    soundfile.write(tmp_path / "ok.wav", tone, rate)
+    soundfile.write(tmp_path / "silent.wav", np.zeros(rate, dtype=np.float32), rate)
+    soundfile.write(tmp_path / "long.wav", np.tile(tone, 30), rate)
+    (tmp_path / "notes.wav").write_text("not audio")
+    wave, got_rate = check_audio(tmp_path / "ok.wav", Limits())
+    assert got_rate == rate and wave.shape == (rate // 2,)
+    for name, message in [("silent.wav", "silent.wav is silent"), ("long.wav", "long.wav lasts 15.0 s; the limit is 10 s"),
+                          ("notes.wav", "notes.wav is not an audio file")]:
+        with pytest.raises(DataError, match=message):
+            check_audio(tmp_path / name, Limits())
+
+
+@pytest.fixture(scope="module")
+def audio_demo() -> Iterator[tuple[Any, Client]]:
+    from demos.audio2image import build_demo
+
+    try:
+        demo = build_demo(limits=Limits(max_audio_seconds=3.0))
+    except CardError as exc:
+        pytest.skip(f"no audio card can be built here: {exc}")
+    demo, client = serve(demo)
+    yield demo, client
+    demo.close()
+
+
+def test_audio2image_draws_pictures_and_refuses_bad_clips(audio_demo: tuple[Any, Client], tmp_path: Path) -> None:
+    import soundfile
+
+    from demos.audio2image import example_clips
+
+    _, client = audio_demo
+    clips = example_clips()
+    if not clips:
+        pytest.skip("the FSDD recordings are not here (set MMADAPT_FSDD)")
+    pictures = client.predict(handle_file(clips[7]), 0, 10, 4.0, 2, api_name="/generate")
+    assert len(pictures) == 2
+    assert Image.open(pictures[0]["image"]).size == (16, 16)  # the zoo's digits-sd resolution
+    soundfile.write(tmp_path / "silent.wav", np.zeros(8000, dtype=np.float32), 8000)
+    soundfile.write(tmp_path / "long.wav", 0.3 * np.ones(8000 * 5, dtype=np.float32), 8000)
+    (tmp_path / "notes.wav").write_text("not audio")
+    for name, message in [("silent.wav", "is silent"), ("long.wav", "the limit is 3 s"), ("notes.wav", "not an audio file")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(handle_file(tmp_path / name), 0, 10, 4.0, 1, api_name="/generate")
+    assert len(client.predict(handle_file(clips[3]), 1, 10, 4.0, 1, api_name="/generate")) == 1
+
+
+# --- a real browser ---
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
+                    ".ci/run installs them when it runs as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(argument)  # no sandbox: CI containers run as root, where Chromium's sandbox cannot start
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    yield driver
+    driver.quit()
+
+
+def screenshot_shows(driver: Any, element: Any, path: Path) -> None:
+    """Save the page and check the result element is on it: inside the picture, and not a blank area."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    driver.save_screenshot(str(path))
+    page = Image.open(path).convert("L")
+    ratio = page.width / driver.execute_script("return window.innerWidth")
+    rect = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]", element)
+    box = tuple(int(v * ratio) for v in rect)
+    assert element.is_displayed() and 0 <= box[0] < box[2] <= page.width and 0 <= box[1] < box[3] <= page.height, box
+    assert np.asarray(page.crop(box)).std() > 10  # text or pictures, not an empty box
+    if SCREENSHOTS:
+        shutil.copy(path, Path(SCREENSHOTS) / path.name)
+
+
+def wait_for(driver: Any, condition: Any, timeout: float = 120) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.3).until(condition)
+
+
+def test_browser_captions_an_uploaded_digit(browser: Any, vlm: tuple[Any, Client], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    demo, _ = vlm
+    browser.get(demo.local_url)
+    upload = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#vlm-input input[type=file]"), 60)
+    seven = next(p for p in DIGITS if label_of(p) == 7)
+    upload.send_keys(str(seven))
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#vlm-input img"), 30)
+    browser.find_element(By.ID, "caption-button").click()
+    box = browser.find_element(By.CSS_SELECTOR, "#caption textarea")
+    wait_for(browser, lambda d: box.get_attribute("value"))
+    assert named_digit(box.get_attribute("value")) == 7
+    screenshot_shows(browser, browser.find_element(By.ID, "caption"), tmp_path / "demo-vlm.png")
+
+
+def test_browser_trains_in_the_studio(browser: Any, studio: tuple[Any, Client], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    demo, _ = studio
+    browser.get(demo.local_url)
+    upload = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#pictures input[type=file]"), 60)
+    upload.send_keys("\n".join(str(p) for p in SLANTED))
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pictures tr")) >= len(SLANTED), 30)
+    browser.find_element(By.ID, "train-button").click()
+    grid = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#grid img"))
+    wait_for(browser, lambda d: "Done:" in d.find_element(By.ID, "status").text)
+    screenshot_shows(browser, grid, tmp_path / "demo-personalize.png")
+
+
+def test_browser_turns_a_spoken_digit_into_a_picture(browser: Any, audio_demo: tuple[Any, Client], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from demos.audio2image import example_clips
+
+    demo, _ = audio_demo
+    clips = example_clips()
+    if not clips:
+        pytest.skip("the FSDD recordings are not here (set MMADAPT_FSDD)")
+    browser.get(demo.local_url)
+    upload = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#audio input[type=file]"), 60)
+    upload.send_keys(str(clips[7]))
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#audio audio, #audio wave, #audio canvas"), 30)
+    browser.find_element(By.ID, "generate-button").click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#pictures img"))
+    screenshot_shows(browser, browser.find_element(By.ID, "pictures"), tmp_path / "demo-audio2image.png")
