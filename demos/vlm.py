@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mmadapt.data import format_sample
+from mmadapt.data import TEMPLATES, format_sample
 from mmadapt.demo import (CARDS_DIR, EXAMPLES_DIR, Limits, as_ui_errors, check_audio, check_card_fits_demo, check_image,
                           image_input, launch, load_demo_card)
 from mmadapt.errors import CardError, DataError
@@ -91,7 +91,9 @@ def answer(model: Any, fields: dict[str, str], values: list[Any], prompt: str, s
     for field, modality in data_fields(model).items():
         sample[field] = read_input(modality, by_field.get(field), field, limits)
     template = model.recipe.data.get("template", "caption")
-    return generate_for_samples(model, [sample], format_sample(template, "", prompt)[0], **settings)[0].strip()
+    reply = generate_for_samples(model, [sample], format_sample(template, "", prompt)[0], **settings)[0]
+    turn = TEMPLATES[template][0].split("{prompt}")[0].strip()  # e.g. "Question:": a reply that runs on into a new turn
+    return (reply.split(turn)[0] if turn else reply).strip()  # stops there, as a chat reply would
 
 
 def caption_prompt(model: Any) -> str:
