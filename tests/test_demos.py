@@ -292,6 +292,9 @@ def test_browser_captions_an_uploaded_digit(browser: Any, vlm: tuple[Any, Client
     box = browser.find_element(By.CSS_SELECTOR, "#caption textarea")
     wait_for(browser, lambda d: box.get_attribute("value"))
     assert named_digit(box.get_attribute("value")) == 7
+    browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("Is it even?")
+    browser.find_element(By.ID, "ask-button").click()
+    wait_for(browser, lambda d: "odd" in d.find_element(By.ID, "chat").text, 60)
     screenshot_shows(browser, browser.find_element(By.ID, "caption"), tmp_path / "demo-vlm.png")
 
 
