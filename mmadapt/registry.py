@@ -10,6 +10,7 @@ from typing import Any
 NODE_TYPES: dict[str, str] = {
     "open_clip_vision": "mmadapt.encoders.open_clip_vision.OpenCLIPVision",
     "hf_vision": "mmadapt.encoders.hf_vision.HFVisionTower",
+    "point_bert": "mmadapt.encoders.point_cloud.PointBERT",
     "causal_lm": "mmadapt.decoders.causal_lm.CausalLM",
     "diffusion": "mmadapt.decoders.diffusion.DiffusionDecoder",
     "token": "bridges.token.TokenEmbedder",
@@ -28,6 +29,8 @@ ADAPTER_TYPES: dict[str, str] = {
 DATA_TYPES: dict[str, str] = {
     "image_captions": "mmadapt.data.ImageCaptionDataset",
     "digits_captions": "mmadapt.digits.DigitsCaptions",
+    "digits_points": "mmadapt.points.DigitsPoints",
+    "point_captions": "mmadapt.points.PointCaptionDataset",
     "dreambooth": "mmadapt.personalize.DreamBoothImages",
 }
 
