@@ -42,6 +42,7 @@ class TrainConfig:
     skip_bad_samples: bool = True  # skip, count and report unreadable samples; False fails fast
     eval_generations: int = 4  # sample generations written to the log at each evaluation
     max_new_tokens: int = 16  # generation length used by evaluation and `generate`
+    gradient_checkpointing: bool = False  # recompute frozen LLM layers in backward: less activation memory, ~1/3 more LM compute
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Two processes with DDP over gloo (`accelerate launch --multi_gpu` on a CPU) follow the single-process loss curve; rank 0 alone writes."""
+"""Several processes (DDP over gloo via `accelerate launch --multi_gpu` on a CPU) follow one process; frozen-LLM checkpointing."""
 from __future__ import annotations
 
 import json
@@ -92,3 +92,37 @@ def test_only_rank_zero_writes_the_card_and_checkpoints(runs: dict[str, object])
     leftovers = [p.name for p in (root / "ddp").rglob(".*") if p.name.startswith((".tmp-", ".old-"))]
     assert not leftovers  # a second writer racing rank 0 would leave temporary folders or fail the rename
     assert len(list((root / "ddp" / "checkpoints").glob("step-*"))) == 1
+
+
+def test_gradient_checkpointing_recomputes_frozen_llm_layers_and_keeps_the_gradients(tmp_path: Path) -> None:
+    """The option must really checkpoint (each LLM layer runs twice per step) and change no gradient."""
+    import torch
+
+    from conftest import tiny_recipe
+    from mmadapt.train import Trainer
+    from mmadapt.validate import check_recipe
+
+    grads, calls = {}, {}
+    for flag in (False, True):
+        raw = tiny_recipe("qformer", gradient_checkpointing=flag, output_dir=str(tmp_path / str(flag)))
+        raw["graph"]["llm"]["config"]["attention_dropout"] = 0.5  # zeroed by eval either way: outputs must stay equal
+        trainer = Trainer(*check_recipe(raw, "test"))
+        trainer.train_mode()
+        layers = trainer.model.nodes["llm"].model.model.layers
+        counter = [0]
+        hooks = [layer.mlp.register_forward_pre_hook(  # inside the layer: fires again when it is recomputed
+            lambda *_: counter.__setitem__(0, counter[0] + 1)) for layer in layers]
+        from mmadapt.data import Collator
+        from mmadapt.digits import DigitsCaptions
+
+        data = DigitsCaptions("train", style="fixed")
+        batch = Collator(trainer.model, 32)([data[i] for i in range(4)])
+        trainer.model(batch)["loss"].backward()
+        for hook in hooks:
+            hook.remove()
+        calls[flag] = counter[0]
+        grads[flag] = {k: p.grad.clone() for k, p in trainer.model.trainable_parameters().items()}
+    assert calls == {False: 2, True: 4}  # two layers; recomputed once each in backward
+    for key, grad in grads[False].items():
+        assert torch.allclose(grads[True][key], grad, atol=1e-6), key
+    assert any(g.abs().max() > 0 for g in grads[True].values())
