@@ -3,11 +3,13 @@
     python benchmarks/vlm_vs_transformers.py --family blip2 --size mini
     python benchmarks/vlm_vs_transformers.py --family llava --size mid --batch 4
 
-Sides, each in a fresh process (so its peak RSS is its own), run round-robin with the order reversed every
-round: `transformers` (Blip2ForConditionalGeneration / LlavaForConditionalGeneration with vision tower and LM
-frozen by requires_grad_(False), the usual way), `mmadapt` (the same dims as a recipe, trained by mmadapt's
-Trainer), `mmadapt+cache` (the same, reading the frozen tower's features from the feature cache, which a
-separate `cache-build` process writes first and times). Shared: random weights of equal dims, fp32, SDPA,
+Three sides: `transformers` (Blip2ForConditionalGeneration / LlavaForConditionalGeneration with vision tower
+and LM frozen by requires_grad_(False), the usual way), `mmadapt` (the same dims as a recipe, built and stepped
+by mmadapt's Trainer), `mmadapt+cache` (the same, reading the frozen tower's features from the feature cache,
+whose build is timed). Timing: all three live in one process and take one step each in turn (order reversed
+every step), so the machine's load swings hit them alike; ratios are medians of the paired steps. Peak
+memory: each side again alone in a fresh process (ru_maxrss; tracemalloc does not see torch's allocations).
+Shared: random weights of equal dims, fp32, SDPA,
 batch, data (digits, the instruction template, zoo:digits-lm's tokenizer), AdamW, cosine schedule, clipping
 at 1.0, frozen parts in eval mode (no dropout), and what a step times: batch fetch and collation (image
 processing, tokenization), forward, backward, optimizer step.
@@ -21,10 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import current_rss_mb, machine, median, peak_rss_mb, run_child, table, timed_mmadapt_run  # noqa: E402
+from common import current_rss_mb, machine, median, peak_rss_mb, run_child, table  # noqa: E402
 
 TOKENIZER = "zoo:digits-lm"
 PROMPT = "What does it show?"
@@ -117,7 +120,7 @@ def hf_model(family: str, size: dict[str, Any]) -> Any:
     return model
 
 
-def hf_steps(family: str, size: dict[str, Any], batch: int, total: int) -> tuple[list[float], float]:
+def hf_stepper(family: str, size: dict[str, Any], batch: int) -> Callable[[], float]:
     import torch
     from torch.utils.data import DataLoader
     from transformers import CLIPImageProcessor, get_cosine_schedule_with_warmup
@@ -155,16 +158,16 @@ def hf_steps(family: str, size: dict[str, Any], batch: int, total: int) -> tuple
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 0, 10_000)
-    seconds: list[float] = []
-    before = current_rss_mb()
-    batches = iter(loader)
-    while len(seconds) < total:
+    batches = [iter(loader)]
+
+    def step() -> float:
+        """One step as a user's loop runs it: fetch and collate, forward, backward, clip, optimizer and schedule."""
         started = time.perf_counter()
         try:
-            inputs = next(batches)
+            inputs = next(batches[0])
         except StopIteration:
-            batches = iter(loader)
-            inputs = next(batches)
+            batches[0] = iter(loader)
+            inputs = next(batches[0])
         loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -172,8 +175,37 @@ def hf_steps(family: str, size: dict[str, Any], batch: int, total: int) -> tuple
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-        seconds.append(time.perf_counter() - started)
-    return seconds, before
+        return time.perf_counter() - started
+
+    return step
+
+
+def mmadapt_stepper(raw: dict[str, Any]) -> tuple[Callable[[], float], Any]:
+    """mmadapt's Trainer, built as `mmadapt train` builds it, stepped by the body of its loop at one process and
+    one micro-batch (where the token weighting is exactly 1 and the reduce a no-op), so steps can interleave."""
+    from mmadapt.data import batch_to_device
+    from mmadapt.train import Trainer, micro_batches
+    from mmadapt.validate import check_recipe
+
+    trainer = Trainer(*check_recipe(raw, "benchmark"))
+    trainer.train_mode()
+    acc, cfg = trainer.accelerator, trainer.cfg
+    data = micro_batches(trainer.dataset, trainer.train_collator, cfg, 0, 1, 0)
+    params = list(trainer.model.trainable_parameters().values())
+
+    def step() -> float:
+        started = time.perf_counter()
+        _, batch = trainer._next_usable(data)
+        loss = trainer.wrapped(batch_to_device(batch, acc.device))["loss"]
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - started
+
+    return step, trainer
 
 
 def child(args: argparse.Namespace) -> None:
@@ -184,13 +216,27 @@ def child(args: argparse.Namespace) -> None:
     batch = args.batch or size["batch"]
     out = Path(args.workdir)
     total = args.warmup + args.steps
-    if args.side == "transformers":
-        seconds, before = hf_steps(args.family, size, batch, total)
-        result = {"seconds_per_step": median(seconds[args.warmup:]), "rss_before_steps_mb": before, "peak_rss_mb": peak_rss_mb(), "batch": batch}
-    elif args.side == "cache-build":
-        result = timed_mmadapt_run(recipe(args.family, size, args, True, out), 1, 0)  # building happens before step 1
-    else:
-        result = timed_mmadapt_run(recipe(args.family, size, args, args.side == "mmadapt+cache", out), total, args.warmup)
+    if args.side == "interleaved":  # all three in one process, one step each in turn: load swings hit all alike
+        steppers = {"transformers": hf_stepper(args.family, size, batch)}
+        steppers["mmadapt"] = mmadapt_stepper(recipe(args.family, size, args, False, out))[0]
+        steppers["mmadapt+cache"], cached = mmadapt_stepper(recipe(args.family, size, args, True, out))
+        names = list(steppers)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for index in range(total):
+            for name in names if index % 2 == 0 else names[::-1]:
+                times[name].append(steppers[name]())
+        stats = cached.cache_stats
+        result = {"batch": batch, "seconds": {n: t[args.warmup:] for n, t in times.items()},
+                  "cache": {"built": stats.built, "seconds": stats.seconds, "bytes_per_sample": stats.bytes_per_sample}}
+    else:  # one side alone in this process: its peak RSS
+        if args.side == "transformers":
+            step = hf_stepper(args.family, size, batch)
+        else:
+            step = mmadapt_stepper(recipe(args.family, size, args, args.side == "mmadapt+cache", out))[0]
+        before = current_rss_mb()
+        seconds = [step() for _ in range(total)]
+        result = {"seconds_per_step": median(seconds[args.warmup:]), "rss_before_steps_mb": before,
+                  "peak_rss_mb": peak_rss_mb(), "batch": batch}
     print(json.dumps(result))
 
 
@@ -199,52 +245,52 @@ def main() -> None:
     parser.add_argument("--family", choices=["blip2", "llava"], default="blip2")
     parser.add_argument("--size", choices=list(SIZES), default="mini")
     parser.add_argument("--batch", type=int, help="samples per step (default: 32 mini, 4 mid)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per run, after warm-up")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per side, after warm-up")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds; the order reverses every round")
+    parser.add_argument("--rounds", type=int, default=1, help="separate-process runs per side, for peak RSS")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         return child(args)
-    started_machine = machine()
+    started = machine()
     common = ["--family", args.family, "--size", args.size, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     common += ["--batch", str(args.batch)] if args.batch else []
     sides = ["transformers", "mmadapt", "mmadapt+cache"]
-    results: dict[str, list[dict[str, Any]]] = {s: [] for s in sides + ["cache-build"]}
+    memory: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     with tempfile.TemporaryDirectory(prefix="mmadapt-bench-") as tmp:
-        for round_index in range(args.rounds):
-            workdir = Path(tmp) / f"round{round_index}"  # a fresh cache each round, so each build is timed
-            results["cache-build"].append(run_child(__file__, common + ["--side", "cache-build", "--workdir", str(workdir)]))
+        workdir = str(Path(tmp) / "run")
+        timing = run_child(__file__, common + ["--side", "interleaved", "--workdir", workdir])
+        print("timing done", file=sys.stderr, flush=True)
+        for round_index in range(args.rounds):  # the cache the timing run built is reused: these measure training only
             for side in sides if round_index % 2 == 0 else sides[::-1]:
-                results[side].append(run_child(__file__, common + ["--side", side, "--workdir", str(workdir)]))
-                print(f"round {round_index + 1}: {side} {results[side][-1]['seconds_per_step']:.3f} s/step, "
-                      f"peak {results[side][-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-    report(args, sides, results, started_machine)
+                memory[side].append(run_child(__file__, common + ["--side", side, "--workdir", workdir, "--steps", "3"]))
+                print(f"memory round {round_index + 1}: {side} peak {memory[side][-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    report(args, sides, timing, memory, started)
 
 
-def report(args: argparse.Namespace, sides: list[str], results: dict[str, list[dict[str, Any]]], started: dict[str, Any]) -> None:
-    batch = results["transformers"][0]["batch"]
+def report(args: argparse.Namespace, sides: list[str], timing: dict[str, Any], memory: dict[str, list[dict[str, Any]]],
+           started: dict[str, Any]) -> None:
+    batch, seconds = timing["batch"], timing["seconds"]
+    base = seconds["transformers"]
+    base_peak = median([m["peak_rss_mb"] for m in memory["transformers"]])
     rows = []
-    base = results["transformers"]
     for side in sides:
-        runs = results[side]
-        speed = [b["seconds_per_step"] / r["seconds_per_step"] for r, b in zip(runs, base)]  # samples/s ratio, per round
-        step_mem = [(r["peak_rss_mb"] - r["rss_before_steps_mb"]) for r in runs]
-        rows.append([side, batch / median([r["seconds_per_step"] for r in runs]), median(speed), f"{min(speed):.2f}-{max(speed):.2f}",
-                     median([r["peak_rss_mb"] for r in runs]), median([r["peak_rss_mb"] / b["peak_rss_mb"] for r, b in zip(runs, base)]),
-                     median(step_mem)])
-    print(f"\n{args.family}, {args.size}: batch {batch}, fp32, SDPA, {args.rounds} rounds x {args.steps} timed steps after {args.warmup} warm-up")
-    print(table(["side", "samples/s", "samples/s ratio vs transformers", "ratio range", "peak RSS MB",
-                 "peak RSS ratio", "MB added during steps"], rows))
-    builds = results["cache-build"]
-    per_sample_build = median([b["cache"]["seconds"] / max(1, b["cache"]["built"]) for b in builds])
-    plain = median([r["seconds_per_step"] for r in results["mmadapt"]]) / batch
-    cached = median([r["seconds_per_step"] for r in results["mmadapt+cache"]]) / batch
+        paired = [b / t for b, t in zip(base, seconds[side])]  # samples/s ratio of steps taken side by side
+        peaks = [m["peak_rss_mb"] for m in memory[side]]
+        rows.append([side, batch / median(seconds[side]), median(paired), f"{min(paired):.2f}-{max(paired):.2f}", median(peaks),
+                     median(peaks) / base_peak, median([m["peak_rss_mb"] - m["rss_before_steps_mb"] for m in memory[side]])])
+    print(f"\n{args.family}, {args.size}: batch {batch}, fp32, SDPA; {len(base)} timed steps per side after {args.warmup} warm-up, "
+          f"interleaved in one process; peak RSS from {args.rounds} separate process(es) per side")
+    print(table(["side", "samples/s", "samples/s ratio vs transformers (median of paired steps)", "paired range",
+                 "peak RSS MB", "peak RSS ratio", "MB added during steps"], rows))
+    cache = timing["cache"]
+    per_sample_build = cache["seconds"] / max(1, cache["built"])
+    plain, cached = median(seconds["mmadapt"]) / batch, median(seconds["mmadapt+cache"]) / batch
     saving = plain - cached
     break_even = per_sample_build / saving if saving > 0 else math.inf
     print(table(["cache build s/sample", "bytes/sample", "s/sample without cache", "s/sample with cache", "break-even epoch"],
-                [[per_sample_build, f"{median([b['cache']['bytes_per_sample'] for b in builds]):,.0f}", plain, cached,
+                [[per_sample_build, f"{cache['bytes_per_sample']:,.0f}", plain, cached,
                   f"{break_even:.2f}" if math.isfinite(break_even) else "never"]]))
     ended = machine()
     print(f"machine: {started['cpu']}, {started['cores']} cores, torch {started['torch']} ({started['torch_threads']} threads); "
