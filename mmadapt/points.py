@@ -199,7 +199,7 @@ class DigitsPoints(Dataset):
         text: str | None = None,  # one text for every sample instead of a caption
         num_points: int = 128,  # points drawn per cloud (the encoder resamples to its own count)
         augment: bool = True,  # a random pose per sample; false: the flat digit as drawn
-        views: int = 1,  # poses per digit: the dataset holds views x digits samples
+        views: int = 1,  # train split only: poses per digit (views x digits samples); val/test keep one pose each, so figures compare
         seed: int = 0,  # seeds every sample's points and pose, so a sample (and its cache entry) never changes
     ) -> None:
         if style not in ("varied", "fixed"):
@@ -208,7 +208,8 @@ class DigitsPoints(Dataset):
             raise DataError(f"views and num_points must be at least 1, got {views} and {num_points}")
         self.indices = split_indices(split)[:limit]
         self.style, self.template, self.prompt, self.text = style, template, prompt, text
-        self.num_points, self.augment, self.views, self.seed = num_points, augment, views, seed
+        self.num_points, self.augment, self.seed = num_points, augment, seed
+        self.views = views if split == "train" else 1  # more poses is training-time augmentation, not a bigger test
         format_sample(template, "", "")
         self.rng = random.Random()  # reseeded from the global RNG state each draw so resume repeats it
         load_digits_arrays()  # import sklearn now: its first import draws from the global RNG

@@ -292,13 +292,14 @@ def test_bad_files_in_a_dataset_are_skipped_and_counted_or_fail_fast(tmp_path: P
 def test_digits_points_samples_are_fixed_per_position_and_follow_the_digits_split() -> None:
     from mmadapt.digits import WORDS, load_digits_arrays, split_indices
 
-    data = DigitsPoints(split="test", style="fixed", template="instruction", prompt="What does it show?", views=2)
-    assert len(data) == 2 * len(split_indices("test"))
-    first, again, other_view = data[0], data[0], data[len(split_indices("test"))]
+    assert len(DigitsPoints(split="test", views=2)) == len(split_indices("test"))  # extra poses are for training only
+    data = DigitsPoints(split="train", style="fixed", template="instruction", prompt="What does it show?", views=2)
+    assert len(data) == 2 * len(split_indices("train"))
+    first, again, other_view = data[0], data[0], data[len(split_indices("train"))]
     assert np.array_equal(first["points"], again["points"]) and first["key"] == again["key"]
     assert first["label"] == other_view["label"] and first["key"] != other_view["key"]
     assert first["points"].shape == (128, 3) and np.isfinite(first["points"]).all()
-    assert first["label"] == data.label(0) == int(load_digits_arrays()[1][split_indices("test")[0]])
+    assert first["label"] == data.label(0) == int(load_digits_arrays()[1][split_indices("train")[0]])
     assert first["prompt"] == "Question: What does it show? Answer:" and first["target"] == f" a handwritten {WORDS[first['label']]}"
     assert {"points", "prompt", "target", "text", "key", "id", "label"} == set(first) and DigitsPoints.digit_labels
     flat = DigitsPoints(split="test", augment=False, limit=1).cloud(0)
