@@ -153,6 +153,12 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from mmadapt.personalize import write_style_examples
 
+    if args.dataset == "fsdd":
+        from mmadapt.fsdd import ENV_VAR, fetch_fsdd, recordings
+
+        root = fetch_fsdd(args.folder)
+        print(f"FSDD: {len(recordings(root))} recordings in {root}; point {ENV_VAR} there or pass root: in a recipe")
+        return 0
     paths = write_style_examples(args.folder)
     print(f"wrote {len(paths)} slanted digits to {args.folder}")
     return 0
@@ -220,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds, help="longer clips are refused")
     demo.set_defaults(handler=cmd_demo)
     data = sub.add_parser("data", help="write example data")
-    data.add_argument("dataset", choices=["slanted-digits"], help="slanted-digits: the mini personalization example")
+    data.add_argument("dataset", choices=["slanted-digits", "fsdd"],
+                      help="slanted-digits: the mini personalization example; fsdd: clone the spoken digits (needs internet)")
     data.add_argument("folder")
     data.set_defaults(handler=cmd_data)
     return parser

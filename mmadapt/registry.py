@@ -11,6 +11,8 @@ NODE_TYPES: dict[str, str] = {
     "open_clip_vision": "mmadapt.encoders.open_clip_vision.OpenCLIPVision",
     "hf_vision": "mmadapt.encoders.hf_vision.HFVisionTower",
     "point_bert": "mmadapt.encoders.point_cloud.PointBERT",
+    "audiomae": "mmadapt.encoders.audiomae.AudioMAE",
+    "hf_audio": "mmadapt.encoders.hf_audio.HFAudioEncoder",
     "causal_lm": "mmadapt.decoders.causal_lm.CausalLM",
     "diffusion": "mmadapt.decoders.diffusion.DiffusionDecoder",
     "token": "bridges.token.TokenEmbedder",
@@ -31,6 +33,7 @@ DATA_TYPES: dict[str, str] = {
     "digits_captions": "mmadapt.digits.DigitsCaptions",
     "digits_points": "mmadapt.points.DigitsPoints",
     "point_captions": "mmadapt.points.PointCaptionDataset",
+    "fsdd_captions": "mmadapt.fsdd.FSDDCaptions",
     "dreambooth": "mmadapt.personalize.DreamBoothImages",
 }
 

@@ -77,7 +77,9 @@ class HFVisionTower(ImageEncoder):
                 path = resolve_checkpoint(checkpoint)
                 self.model = tower_cls.from_pretrained(path, attn_implementation=attn_implementation)
             else:
-                self.model = tower_cls._from_config(self.config, attn_implementation=attn_implementation)
+                # Auto classes build through from_config; concrete model classes through _from_config.
+                build = getattr(tower_cls, "from_config", None) or tower_cls._from_config
+                self.model = build(self.config, attn_implementation=attn_implementation)
         self.transform = self._processor(checkpoint)
         self.out_dim = int(self.config.hidden_size)
 

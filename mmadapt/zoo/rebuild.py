@@ -1,6 +1,6 @@
 """Rebuild the miniature zoo from scratch with fixed seeds and print each member's quality figures.
 
-    python -m mmadapt.zoo.rebuild [--only digits-clip digits-lm digits-sd digits-points] [--out mmadapt/zoo]
+    python -m mmadapt.zoo.rebuild [--only digits-clip digits-lm digits-sd digits-points fsdd-audiomae] [--out mmadapt/zoo]
 """
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import argparse
 import json
 from pathlib import Path
 
-from mmadapt.zoo import ZOO_DIR, digits_clip, digits_lm, digits_points, digits_sd
+from mmadapt.zoo import ZOO_DIR, digits_clip, digits_lm, digits_points, digits_sd, fsdd_audiomae
 
 MEMBERS = {"digits-clip": digits_clip.train, "digits-lm": digits_lm.train, "digits-sd": digits_sd.train,
-           "digits-points": digits_points.train}
+           "digits-points": digits_points.train, "fsdd-audiomae": fsdd_audiomae.train}
 
 
 def main(argv: list[str] | None = None) -> None:
