@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from mmadapt.demo import CARDS_DIR, REPO_ROOT, Limits, as_ui_errors, check_audio, launch, load_demo_card
 from mmadapt.digits import WORDS
 from mmadapt.errors import CardError, DataError
+from mmadapt.fsdd import fsdd_available, fsdd_root
 
 log = logging.getLogger("mmadapt.demo.audio2image")
 DEFAULT_CARD = CARDS_DIR / "mini-audio-token"
@@ -17,15 +17,12 @@ MAX_PICTURES = 4
 CSS = "#pictures img {image-rendering: pixelated}"  # the zoo's pictures are 16 px: show pixels, not blur
 
 
-def fsdd_folder() -> Path:
-    """Where the spoken-digit recordings are: $MMADAPT_FSDD, else ../shared/data/fsdd beside the checkout (not in the repo)."""
-    return Path(os.environ.get("MMADAPT_FSDD") or REPO_ROOT.parent / "shared" / "data" / "fsdd")
-
-
 def example_clips() -> list[Path]:
     """One test-split recording (index 0, FSDD's own convention) of each digit, speakers taken in turn."""
-    folder = fsdd_folder() / "recordings"
-    speakers = sorted({p.stem.split("_")[1] for p in folder.glob("0_*_0.wav")}) if folder.is_dir() else []
+    if not fsdd_available():
+        return []
+    folder = fsdd_root() / "recordings"
+    speakers = sorted({p.stem.split("_")[1] for p in folder.glob("0_*_0.wav")})
     return [folder / f"{d}_{speakers[d % len(speakers)]}_0.wav" for d in range(len(WORDS))] if speakers else []
 
 
@@ -80,7 +77,7 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
                 if clips:
                     gr.Examples([[str(c)] for c in clips], inputs=[audio], label="Spoken digits (FSDD test split)")
                 else:
-                    gr.Markdown(f"No example clips: the FSDD recordings are not at {fsdd_folder()} (set MMADAPT_FSDD).")
+                    gr.Markdown("No example clips: the FSDD recordings were not found (set MMADAPT_FSDD).")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed")
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
@@ -93,7 +90,7 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
                                      columns=2, height=420, format="png", interactive=False)
         button.click(generate, [audio, seed, steps, guidance, pictures], gallery, api_name="generate")
         demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.demo.launch passes it
-        demo.demo_allowed_paths = [str(fsdd_folder())]
+        demo.demo_allowed_paths = [str(clips[0].parent)] if clips else []
     return demo
 
 

@@ -1,6 +1,7 @@
 """Assembly: build base nodes, read their real widths, size the bridges, freeze and attach adapters."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,47 @@ def assemble(recipe: Recipe, plan: Plan) -> AssembledModel:
                 adapter.apply(getattr(node, inner), node.adapter_modules.get(inner))
             except (ValueError, AttributeError, TypeError) as exc:
                 raise RecipeError([Problem(f"graph.{name}.adapters[{index}]", "", str(exc).splitlines()[0])], "assembly") from None
+    for name, spec in recipe.nodes.items():
+        if spec.from_card is not None:
+            load_node_from_card(name, built, plan, spec.from_card)
     model = AssembledModel(recipe, plan, built)
     model.train()
     return model
+
+
+def load_node_from_card(name: str, built: dict[str, Node], plan: Plan, source: dict[str, str]) -> None:
+    """Copy one bridge's tensors from a card trained in another graph, after checking that it was trained on the same
+    upstream encoder and at the same widths; its tensors then train on (default) or stay frozen (`trainable: false`)."""
+    from safetensors.torch import load_file
+
+    from mmadapt.card import WEIGHTS_FILE, read_card
+
+    where = f"graph.{name}.from_card"
+    card, their_name = Path(source["card"]), source["node"]
+    try:
+        _, meta = read_card(card)
+    except MMAdaptError as exc:
+        raise RecipeError([Problem(where, "", str(exc))], "assembly") from None
+    node = built[name]
+    stored = load_file(str(card / WEIGHTS_FILE))
+    problems = []
+    if not any(k.startswith(f"{their_name}.") for k in stored):
+        problems.append(f"{card} has no trained node '{their_name}'; it holds: {', '.join(sorted({k.split('.')[0] for k in stored}))}")
+    elif meta["widths"].get(their_name) != node.widths():
+        problems.append(f"'{their_name}' in {card} has widths {meta['widths'][their_name]}, this graph's '{name}' {node.widths()}")
+    trained_on = {base.get("config_hash") for base in meta["bases"].values()}
+    for parent in [r.source for refs in plan.inputs[name].values() for r in refs if not r.is_data]:
+        here = built[parent].describe()
+        if here and here.get("config_hash") not in trained_on:
+            problems.append(f"{card} was not trained on this graph's '{parent}' ({here.get('source')}); its bases: "
+                            f"{', '.join(str(b.get('source')) for b in meta['bases'].values())}")
+    prefix = f"{their_name}."
+    tensors = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+    own = dict(node.named_parameters())
+    if not problems and set(tensors) != set(own):
+        problems.append(f"'{their_name}' in {card} holds {sorted(set(tensors) ^ set(own))[:6]} that this '{name}' does not match")
+    if problems:
+        raise RecipeError([Problem(where, "", p) for p in problems], "assembly")
+    with torch.no_grad():
+        for key, param in own.items():
+            param.copy_(tensors[key].to(param.dtype))

@@ -50,18 +50,25 @@ class FeatureCache:
     def entry(self, node: str, key: str) -> Path:
         return self.dirs[node] / key[:2] / f"{key}.safetensors"
 
-    def has(self, key: str) -> bool:
-        return all(self.entry(n, key).is_file() for n in self.nodes)
+    def has(self, key: str, nodes: list[str] | None = None) -> bool:
+        """Whether the entries of `nodes` (default: every cached encoder) exist for this sample."""
+        return all(self.entry(n, key).is_file() for n in (self.nodes if nodes is None else nodes))
 
-    def load_batch(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        return {n: torch.stack([load_file(str(self.entry(n, k)))["features"] for k in keys]) for n in self.nodes}  # (B, N, D)
+    def load_batch(self, keys: list[str], rows: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+        """Each cached encoder's features (B, N, D) for the batch; in a mixed batch only for the rows it covers."""
+        rows = rows or {}
+        return {n: torch.stack([load_file(str(self.entry(n, keys[i])))["features"] for i in rows.get(n, range(len(keys)))])
+                for n in self.nodes if rows.get(n) != []}
 
     @torch.no_grad()
     def build(self, dataset: Dataset, collator: Any, batch_size: int, rank: int = 0, world: int = 1) -> CacheStats:
         """Encode the samples whose entries are missing (this rank's share); bad samples are skipped and counted."""
         start = time.perf_counter()
-        keys = {i: dataset[i]["key"] for i in range(rank, len(dataset), world)}  # read (and hash) each input once
-        missing = [i for i, key in keys.items() if not self.has(key)]
+        keys, carried = {}, {}
+        for i in range(rank, len(dataset), world):  # read (and hash) each input once
+            sample = dataset[i]
+            keys[i], carried[i] = sample["key"], collator.carried_nodes(self.nodes, sample)
+        missing = [i for i, key in keys.items() if not self.has(key, carried[i])]
         reused = len(keys) - len(missing)
         built = skipped = 0
         self.model.eval()
@@ -72,13 +79,17 @@ class FeatureCache:
             if batch is None:
                 continue
             batch = batch_to_device(batch, next(self.model.parameters()).device)
+            rows = batch.get("rows", {})
             for node in self.nodes:
-                features = self.model.nodes[node](**self.model.node_kwargs(node, batch, {})).cpu()  # (B, N, D)
-                for key, row in zip(batch["keys"], features):
+                if rows.get(node) == []:
+                    continue  # no sample of this batch carries the node's modality
+                features = self.model.nodes[node](**self.model.node_kwargs(node, batch, {})).cpu()  # (B_node, N, D)
+                node_keys = [batch["keys"][i] for i in rows[node]] if node in rows else batch["keys"]
+                for key, row in zip(node_keys, features):
                     self._write(self.entry(node, key), row)
             built += batch["size"]
-        measured = [key for key in list(keys.values())[:8] if self.has(key)]
-        per_sample = sum(self.entry(n, k).stat().st_size for n in self.nodes for k in measured) / max(1, len(measured))
+        measured = [i for i in list(keys)[:8] if self.has(keys[i], carried[i])]
+        per_sample = sum(self.entry(n, keys[i]).stat().st_size for i in measured for n in carried[i]) / max(1, len(measured))
         return CacheStats(built, reused, skipped, time.perf_counter() - start, per_sample)
 
     @staticmethod

@@ -45,10 +45,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.getLogger("mmadapt").info(note)
     trainer = Trainer(recipe, plan)
     card = trainer.train(resume=args.resume)
+    if not trainer.is_main:  # one process reports; the others only trained their share
+        return 0
     print(f"card: {card}")
     from mmadapt.evaluate import is_labelled
 
-    if is_labelled(recipe.data) and trainer.is_main:
+    if is_labelled(recipe.data):
         report_digits(trainer.model, card, grid=None)
     return 0
 
@@ -69,8 +71,31 @@ def report_digits(model: Any, card: Any, grid: str | None, limit: int | None = N
             print(f"per group: {figures['referee_accuracy_by_group']}")
         (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
         return
+    from mmadapt.evaluate import labelled_parts
+
+    parts = labelled_parts(model.recipe.data)
+    if len(parts) > 1:  # a mixture: each modality measured on its own test split
+        measured = []
+        for index, part in enumerate(parts):
+            print(f"== part {index}: {part.get('type')}")
+            figures = evaluate_digits(model, limit=limit, data=part)
+            figures.pop("captions")
+            print_text_figures(figures)
+            measured.append({"data": part, **figures})
+        if limit is None:
+            (Path(card) / "eval.json").write_text(json.dumps({"parts": measured}, indent=2))
+        return
     figures = evaluate_digits(model, limit=limit)
     captions = figures.pop("captions")
+    print_text_figures(figures)
+    if limit is None:
+        (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
+    if grid and model.recipe.data.get("type") == "digits_captions":
+        caption_grid(captions, Path(grid))
+        print(f"grid: {grid}")
+
+
+def print_text_figures(figures: dict[str, Any]) -> None:
     print(f"test samples: {figures['samples']}")
     print(f"caption accuracy: {figures['caption_accuracy']:.3f}")
     if figures["caption_accuracy_by_group"]:
@@ -80,11 +105,6 @@ def report_digits(model: Any, card: Any, grid: str | None, limit: int | None = N
     print(f"CIDEr: {figures['cider']:.3f}")
     for example in figures["examples"]:
         print(f"  e.g. {example}")
-    if limit is None:
-        (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
-    if grid and model.recipe.data.get("type") == "digits_captions":
-        caption_grid(captions, Path(grid))
-        print(f"grid: {grid}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 TEMPLATES: dict[str, tuple[str, str]] = {
     "caption": ("", "{text}"),
     "instruction": ("Question: {prompt} Answer:", " {text}"),
+    "raw": ("{prompt}", " {text}"),  # the prompt as written, e.g. with a modality marker: "<audio>Question: … Answer:"
 }
 TOKEN_FIELDS = ("input_ids", "attention_mask", "labels")
 
@@ -38,6 +39,8 @@ def file_key(path: Path) -> str:
 
 class ImageCaptionDataset(Dataset):
     """Rows of (image path, text[, prompt]) from a JSONL or CSV file; image paths are relative to the file."""
+
+    field = "image"  # the row's file column, and the sample field the encoder reads
 
     def __init__(
         self,
@@ -71,9 +74,9 @@ class ImageCaptionDataset(Dataset):
         else:
             raise DataError(f"{self.path}: expected a .jsonl or .csv file")
         for number, record in records:
-            if not isinstance(record, dict) or not record.get("image") or record.get("text") is None:
-                raise DataError(f"{self.path}:{number}: each row needs 'image' and 'text'")
-            rows.append({"image": str(self.root / record["image"]), "text": str(record["text"]), "prompt": str(record.get("prompt") or default_prompt)})
+            if not isinstance(record, dict) or not record.get(self.field) or record.get("text") is None:
+                raise DataError(f"{self.path}:{number}: each row needs '{self.field}' and 'text'")
+            rows.append({self.field: str(self.root / record[self.field]), "text": str(record["text"]), "prompt": str(record.get("prompt") or default_prompt)})
         if not rows:
             raise DataError(f"{self.path}: no rows")
         return rows
@@ -84,12 +87,29 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         prompt, target = format_sample(self.template, row["text"], row["prompt"])
-        path = Path(row["image"])
+        path = Path(row[self.field])
         try:
             key = file_key(path)
         except OSError as exc:
             key = f"unreadable:{path}:{exc.strerror}"  # the collator reports and skips it
-        return {"image": path, "prompt": prompt, "target": target, "text": row["text"], "key": key, "id": index}
+        return {self.field: path, "prompt": prompt, "target": target, "text": row["text"], "key": key, "id": index}
+
+
+class AudioCaptionDataset(ImageCaptionDataset):
+    """Rows of (audio path, text[, prompt]) from a JSONL or CSV file: AudioCaps, Clotho or VGGSound lists, converted."""
+
+    field = "audio"
+
+    def __init__(self, path: str, audio_root: str | None = None, template: str = "caption", prompt: str = "") -> None:
+        super().__init__(path, audio_root, template, prompt)
+
+
+def sample_source(sample: dict[str, Any]) -> str:
+    """The file a sample came from, for messages; in-memory samples (the digits) are named by their key."""
+    for field in ("image", "audio", "points"):
+        if isinstance(sample.get(field), (str, Path)):
+            return str(sample[field])
+    return f"key {sample.get('key', '?')}"
 
 
 class Collator:
@@ -107,8 +127,8 @@ class Collator:
         bad: set[int] = set()
         if self.cache is not None:
             for sample in samples:
-                if not self.cache.has(sample["key"]):
-                    self._skip(DataError(f"sample {sample['id']} ({sample.get('image', '?')}): no cache entry; it failed to encode"))
+                if not self.cache.has(sample["key"], self.carried_nodes(self.cache.nodes, sample)):
+                    self._skip(DataError(f"sample {sample['id']} ({sample_source(sample)}): no cache entry; it failed to encode"))
                     bad.add(sample["id"])
         for name, port, field in self._encoder_data_ports():
             node = self.model.nodes[name]
@@ -117,6 +137,8 @@ class Collator:
                 if sample["id"] in bad:
                     continue
                 if field not in sample:
+                    if field in sample.get("fields_absent", ()):
+                        continue  # a sample of another modality (a mixture): this encoder skips it
                     raise MMAdaptError(f"graph.{name}.inputs.{port}: the data has no field '{field}'; it has: {', '.join(sorted(sample))}")
                 try:
                     values[sample["id"]] = node.preprocess(sample[field])
@@ -137,8 +159,18 @@ class Collator:
         if not kept:
             return None
         node_inputs: dict[str, dict[str, torch.Tensor]] = {}
+        rows: dict[str, list[int]] = {}  # encoders that run on some rows only: samples of a mixture carry one modality each
         for (name, port), values in prepared.items():
-            node_inputs.setdefault(name, {})[port] = torch.stack([values[s["id"]] for s in kept])  # (B, ...)
+            present = [i for i, s in enumerate(kept) if s["id"] in values]
+            if present:
+                node_inputs.setdefault(name, {})[port] = torch.stack([values[kept[i]["id"]] for i in present])  # (B_node, ...)
+            if len(present) < len(kept):
+                rows[name] = present
+        if self.cache is not None:
+            for name in self.cache.nodes:
+                present = [i for i, s in enumerate(kept) if name in self.carried_nodes([name], s)]
+                if len(present) < len(kept):
+                    rows[name] = present
         node_inputs[self.model.decoder_name] = self.model.decoder.collate([decoder_rows[s["id"]] for s in kept])
         batch: dict[str, Any] = {
             "size": len(kept),
@@ -149,9 +181,17 @@ class Collator:
             "texts": [s["text"] for s in kept],
             "node_inputs": node_inputs,
         }
+        if rows:
+            batch["rows"] = rows
         if self.cache is not None:
-            batch["precomputed"] = self.cache.load_batch(batch["keys"])
+            batch["precomputed"] = self.cache.load_batch(batch["keys"], rows)
         return batch
+
+    def carried_nodes(self, nodes: list[str], sample: dict[str, Any]) -> list[str]:
+        """The encoders among `nodes` whose data fields this sample carries (all of them, outside a mixture)."""
+        absent = set(sample.get("fields_absent", ()))
+        fields = {name: [r.key for refs in self.model.plan.inputs[name].values() for r in refs if r.is_data] for name in nodes}
+        return [name for name in nodes if not absent.intersection(fields[name])]
 
     def _encoder_data_ports(self) -> list[tuple[str, str, str]]:
         """(node, port, data field) for every encoder input read from data and not served by the cache."""

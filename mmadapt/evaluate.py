@@ -40,19 +40,30 @@ def is_labelled(data: dict[str, Any]) -> bool:
     """Whether a recipe's `data:` section is a dataset of digits with labels (images, recordings, point clouds)."""
     from mmadapt.registry import DATA_TYPES, UnknownType, resolve
 
+    if data.get("type") == "mixture":
+        return any(isinstance(part, dict) and is_labelled(part) for part in data.get("parts") or [])
     try:
         return bool(getattr(resolve(str(data.get("type", "")), DATA_TYPES), "digit_labels", False))
     except UnknownType:
         return False
 
 
-def labelled_split(model: AssembledModel, split: str = "test", limit: int | None = None, **changes: Any) -> Dataset:
-    """The card's own dataset type and settings, on another split with one fixed caption per sample."""
+def labelled_parts(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data sections eval measures one by one: each labelled part of a mixture, or the section itself."""
+    if data.get("type") == "mixture":
+        return [part for part in data.get("parts") or [] if is_labelled(part)]
+    return [data] if is_labelled(data) else []
+
+
+def labelled_split(model: AssembledModel, split: str = "test", limit: int | None = None, data: dict[str, Any] | None = None,
+                   **changes: Any) -> Dataset:
+    """The card's own dataset type and settings (or one part of its mixture), on another split with one fixed caption per sample."""
     from mmadapt.data import build_dataset
 
-    if not is_labelled(model.recipe.data):
-        raise MMAdaptError(f"eval measures cards trained on labelled digits data (e.g. digits_captions); this card trained on {model.recipe.data.get('type')}")
-    return build_dataset({**model.recipe.data, "split": split, "style": "fixed", "limit": limit, **changes})
+    data = data or model.recipe.data
+    if data.get("type") == "mixture" or not is_labelled(data):
+        raise MMAdaptError(f"eval measures cards trained on labelled digits data (e.g. digits_captions); this section is {data.get('type')}")
+    return build_dataset({**data, "split": split, "style": "fixed", "limit": limit, **changes})
 
 
 def accuracy_by_group(dataset: Dataset, hits: list[bool]) -> dict[str, float]:
@@ -67,12 +78,12 @@ def accuracy_by_group(dataset: Dataset, hits: list[bool]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_digits(model: AssembledModel, split: str = "test", limit: int | None = None, batch_size: int = 100,
-                    max_new_tokens: int = 8) -> dict[str, Any]:
-    """Every figure of the README table for one card."""
+                    max_new_tokens: int = 8, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every figure of the README table for one card, on its data (or on `data`, one part of its mixture)."""
     model.eval()
-    dataset = labelled_split(model, split, limit)
+    data = data or model.recipe.data  # captions are asked for the way the bridge was trained: its template and prompt
+    dataset = labelled_split(model, split, limit, data)
     labels = [dataset.label(i) for i in range(len(dataset))]
-    data = model.recipe.data  # captions are asked for the way the bridge was trained: its template and prompt
     caption_prompt = format_sample(data.get("template", "caption"), "", data.get("prompt", ""))[0]
     captions: list[str] = []
     answers: dict[str, list[str]] = {q: [] for q in ZERO_SHOT}

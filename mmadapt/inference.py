@@ -9,6 +9,7 @@ import torch
 from mmadapt.assemble import assemble
 from mmadapt.card import load_card_weights, read_card
 from mmadapt.data import Collator, batch_to_device, format_sample
+from mmadapt.errors import MMAdaptError
 from mmadapt.model import AssembledModel
 from mmadapt.validate import check_recipe
 
@@ -23,9 +24,22 @@ def load_card(directory: str | Path) -> AssembledModel:
     return model
 
 
+def encoder_fields(model: AssembledModel) -> set[str]:
+    """The data fields the graph's encoders read (image, audio, points)."""
+    return {r.key for name in model.encoders() for refs in model.plan.inputs[name].values() for r in refs if r.is_data}
+
+
 def generate_for_samples(model: AssembledModel, samples: list[dict[str, Any]], prompt: str, **settings: Any) -> list[str]:
-    """Generate after each sample's encoded inputs, with the same (already formatted) prompt for all."""
-    samples = [dict(s, prompt=prompt, target="") for s in samples]
+    """Generate after each sample's encoded inputs, with the same (already formatted) prompt for all.
+
+    In a graph with several encoders a sample may carry only some modalities; the others are skipped for it. A sample
+    that carries none of them is an error, not an answer from the prompt alone.
+    """
+    wanted = encoder_fields(model)
+    for sample in samples:
+        if wanted and not wanted & set(sample):
+            raise MMAdaptError(f"sample {sample.get('id', '?')} carries none of the fields the card's encoders read ({', '.join(sorted(wanted))})")
+    samples = [dict(s, prompt=prompt, target="", fields_absent=sorted(wanted - set(s))) for s in samples]
     batch = Collator(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)(samples)
     assert batch is not None  # skip_bad_samples=False raises on a bad sample instead of dropping it
     batch = batch_to_device(batch, next(model.parameters()).device)

@@ -9,7 +9,7 @@ from torch import nn
 
 from mmadapt.errors import MMAdaptError
 from mmadapt.graph import Plan, Ref
-from mmadapt.nodes import Bridge, Decoder, Encoder, Node
+from mmadapt.nodes import Bridge, Decoder, Encoder, Node, RowTokens
 from mmadapt.spec import Recipe
 
 
@@ -75,25 +75,66 @@ class AssembledModel(nn.Module):
         return self
 
     # --- execution ---
-    def run_nodes(self, batch: dict[str, Any], until_decoder: bool = False) -> dict[str, Any]:
-        """Run every node (or all but the decoder) and return their outputs by name."""
-        outputs: dict[str, Any] = dict(batch.get("precomputed", {}))
+    def node_rows(self, batch: dict[str, Any]) -> dict[str, list[int] | None]:
+        """Which batch rows each node runs on: None for all; a list where rows carry different modalities.
+
+        The collator names the rows of encoders whose field only some samples carry; the nodes downstream of one
+        encoder inherit its rows. The decoder always sees every row (see `node_kwargs`).
+        """
+        given: dict[str, list[int]] = batch.get("rows", {})
+        rows: dict[str, list[int] | None] = {}
         for name in self.order:
-            if name in outputs or (until_decoder and name == self.decoder_name):
+            parents = self.parents(name)
+            if name == self.decoder_name or not parents:
+                rows[name] = given.get(name)
                 continue
-            kwargs = self.node_kwargs(name, batch, outputs)
+            found = {tuple(rows[p]) if rows[p] is not None else None for p in parents}
+            if len(found) > 1:
+                raise MMAdaptError(f"graph.{name}: its inputs cover different samples of a mixed batch ({', '.join(parents)}); "
+                                   "a node may join only inputs of the same modality")
+            only = found.pop()
+            rows[name] = None if only is None else list(only)
+        return rows
+
+    def run_nodes(self, batch: dict[str, Any], until_decoder: bool = False) -> dict[str, Any]:
+        """Run every node (or all but the decoder) and return their outputs by name; a node no row needs is skipped."""
+        outputs: dict[str, Any] = dict(batch.get("precomputed", {}))
+        rows = self.node_rows(batch)
+        for name in self.order:
+            if name in outputs or (until_decoder and name == self.decoder_name) or rows[name] == []:
+                continue
+            kwargs = self.node_kwargs(name, batch, outputs, rows)
             with contextlib.nullcontext() if self.needs_grad[name] else torch.no_grad():
                 outputs[name] = self.nodes[name](**kwargs)
         return outputs
 
-    def node_kwargs(self, name: str, batch: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        for port, refs in self.plan.inputs[name].items():
-            values = [self._fetch(name, port, ref, batch, outputs) for ref in refs]
-            kwargs[port] = values[0] if len(values) == 1 else torch.cat(values, dim=1)  # several refs: joined along tokens
+    def node_kwargs(self, name: str, batch: dict[str, Any], outputs: dict[str, Any],
+                    rows: dict[str, list[int] | None] | None = None) -> dict[str, Any]:
+        rows = rows if rows is not None else self.node_rows(batch)
+        kwargs = {port: self.port_value(name, port, refs, batch, outputs, rows) for port, refs in self.plan.inputs[name].items()}
         if not self.plan.inputs[name] and isinstance(self.nodes[name], Bridge):
-            kwargs["batch_size"] = batch["size"]  # an input-free bridge (soft prompt) still needs B
+            kwargs["batch_size"] = len(rows[name]) if rows[name] is not None else batch["size"]  # an input-free bridge still needs B
         return kwargs
+
+    def port_value(self, name: str, port: str, refs: list[Ref], batch: dict[str, Any], outputs: dict[str, Any],
+                   rows: dict[str, list[int] | None]) -> Any:
+        bridged = [r for r in refs if not r.is_data]
+        if name == self.decoder_name and any(rows[r.source] is not None for r in bridged):
+            return self.row_tokens(port, bridged, batch, outputs, rows)
+        values = [self._fetch(name, port, ref, batch, outputs) for ref in refs]
+        return values[0] if len(values) == 1 else torch.cat(values, dim=1)  # several refs: joined along tokens
+
+    def row_tokens(self, port: str, refs: list[Ref], batch: dict[str, Any], outputs: dict[str, Any],
+                   rows: dict[str, list[int] | None]) -> RowTokens:
+        """A mixed batch's bridge outputs for the decoder: each row gets the tokens of the modalities it carries."""
+        pieces: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(batch["size"])]
+        for ref in refs:
+            if rows[ref.source] == []:
+                continue  # no row of this batch carries that modality
+            tokens = self._fetch(self.decoder_name, port, ref, batch, outputs)  # (B_ref, P, D)
+            for index, row in enumerate(rows[ref.source] if rows[ref.source] is not None else range(batch["size"])):
+                pieces[row].append((ref.source, tokens[index]))
+        return RowTokens(pieces)
 
     @staticmethod
     def _fetch(name: str, port: str, ref: Ref, batch: dict[str, Any], outputs: dict[str, Any]) -> Any:
@@ -118,6 +159,7 @@ class AssembledModel(nn.Module):
         """Run encoders and bridges, then let the decoder generate from their outputs (text, or images)."""
         outputs = self.run_nodes(batch, until_decoder=True)
         name = self.decoder_name
-        bridged = {port: torch.cat([self._fetch(name, port, r, batch, outputs) for r in refs], dim=1)
+        rows = self.node_rows(batch)
+        bridged = {port: self.port_value(name, port, refs, batch, outputs, rows)
                    for port, refs in self.plan.inputs[name].items() if not any(r.is_data for r in refs)}
         return self.decoder.generate(prompts, **bridged, **settings)

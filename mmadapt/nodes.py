@@ -36,6 +36,19 @@ class Node(nn.Module):
         return {}
 
 
+class RowTokens:
+    """Bridge tokens for a batch whose rows carry different modalities: per row, (source node, tokens (P, D)) pieces.
+
+    A row may have no piece (its modality's bridge is not in the graph) or several (a sample with two modalities).
+    """
+
+    def __init__(self, rows: list[list[tuple[str, torch.Tensor]]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class Encoder(Node):
     """A frozen unimodal encoder: data in, tokens `(B, N, D)` out."""
 

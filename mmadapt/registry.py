@@ -30,11 +30,13 @@ ADAPTER_TYPES: dict[str, str] = {
 
 DATA_TYPES: dict[str, str] = {
     "image_captions": "mmadapt.data.ImageCaptionDataset",
+    "audio_captions": "mmadapt.data.AudioCaptionDataset",
     "digits_captions": "mmadapt.digits.DigitsCaptions",
     "digits_points": "mmadapt.points.DigitsPoints",
     "point_captions": "mmadapt.points.PointCaptionDataset",
     "fsdd_captions": "mmadapt.fsdd.FSDDCaptions",
     "dreambooth": "mmadapt.personalize.DreamBoothImages",
+    "mixture": "mmadapt.mixture.MixtureDataset",
 }
 
 

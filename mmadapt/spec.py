@@ -13,7 +13,7 @@ import yaml
 from mmadapt.errors import Problem, RecipeError
 
 TOP_LEVEL_KEYS = ("name", "graph", "data", "val_data", "train")
-NODE_RESERVED_KEYS = ("type", "inputs", "trainable", "adapters")
+NODE_RESERVED_KEYS = ("type", "inputs", "trainable", "adapters", "from_card")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class NodeSpec:
     trainable: bool | None = None  # None: the role decides (bridges train, encoders/decoders are frozen)
     adapters: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    from_card: dict[str, str] | None = None  # {card: folder, node: its name there}: a bridge trained in another graph
 
 
 @dataclass
@@ -180,8 +181,17 @@ def parse_node(name: str, raw: Any) -> tuple[NodeSpec | None, list[Problem]]:
     if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
         problems.append(Problem(where, "adapters", "must be a list of mappings, each with a 'type'"))
         adapters = []
+    from_card = raw.get("from_card")
+    if isinstance(from_card, str):
+        from_card = {"card": from_card, "node": name}
+    if from_card is not None and not (isinstance(from_card, dict) and isinstance(from_card.get("card"), str)
+                                      and set(from_card) <= {"card", "node"}):
+        problems.append(Problem(where, "from_card", "expected a card folder, or {card: FOLDER, node: NAME_IN_THAT_CARD}"))
+        from_card = None
+    elif from_card is not None:
+        from_card = {"card": from_card["card"], "node": str(from_card.get("node", name))}
     params = {k: v for k, v in raw.items() if k not in NODE_RESERVED_KEYS}
-    spec = NodeSpec(name, str(raw.get("type", "")), dict(inputs), trainable, list(adapters), params)
+    spec = NodeSpec(name, str(raw.get("type", "")), dict(inputs), trainable, list(adapters), params, from_card)
     return spec, problems
 
 

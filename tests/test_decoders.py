@@ -14,14 +14,8 @@ def decoder(request: pytest.FixtureRequest) -> CausalLM:
 
 
 def encode(decoder: CausalLM, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    encoded = [decoder.encode_pair(p, t, 64) for p, t in pairs]
-    length = max(len(i) for i, _ in encoded)
-    ids = torch.full((len(pairs), length), decoder.pad_id)
-    labels = torch.full((len(pairs), length), IGNORE_INDEX)
-    mask = torch.zeros((len(pairs), length), dtype=torch.long)
-    for row, (i, lab) in enumerate(encoded):
-        ids[row, : len(i)], labels[row, : len(i)], mask[row, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
-    return ids, mask, labels
+    batch = decoder.collate([decoder.prepare({"prompt": p, "target": t}, 64) for p, t in pairs])
+    return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
 def test_loss_counts_target_tokens_only(decoder: CausalLM) -> None:

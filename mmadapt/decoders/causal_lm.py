@@ -1,6 +1,7 @@
 """A frozen causal LLM (any AutoModelForCausalLM) that takes bridge outputs as prefix embeddings."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from mmadapt.encoders.hf_vision import read_config
 from mmadapt.errors import MMAdaptError
 from mmadapt.identity import config_hash
-from mmadapt.nodes import Decoder
+from mmadapt.nodes import Decoder, RowTokens
 from mmadapt.zoo import resolve_checkpoint
 
 IGNORE_INDEX = -100  # label value the HF loss skips: prompt, prefix and padding positions
@@ -42,7 +43,8 @@ def load_tokenizer(name: str) -> Any:
 class CausalLM(Decoder):
     """Sequence = [prefix embeddings][bos prompt][target eos]; the loss counts target tokens only."""
 
-    default_inputs = {"input_ids": "data.input_ids", "attention_mask": "data.attention_mask", "labels": "data.labels"}
+    default_inputs = {"input_ids": "data.input_ids", "attention_mask": "data.attention_mask", "labels": "data.labels",
+                      "marker_positions": "data.marker_positions"}
 
     def __init__(
         self,
@@ -54,6 +56,7 @@ class CausalLM(Decoder):
         seed: int = 0,  # init seed for config-built random weights, so a card can rebuild them
         prefix_after_bos: bool = False,  # [bos][prefix][text] (LLaVA) instead of [prefix][bos][text] (BLIP-2)
         prefix_as: str = "embeddings",  # or "token_distribution": the bridge emits vocabulary logits per token
+        markers: dict[str, str] | None = None,  # bridge node -> the prompt text its tokens replace, e.g. {audio_bridge: "<audio>"}
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
@@ -65,6 +68,14 @@ class CausalLM(Decoder):
         if prefix_as not in PREFIX_KINDS:
             raise MMAdaptError(f"prefix_as must be one of {', '.join(PREFIX_KINDS)}, got {prefix_as!r}")
         self.prefix_as = prefix_as
+        self.markers = dict(markers or {})
+        if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.markers.items()):
+            raise MMAdaptError(f"markers must map bridge names to non-empty prompt texts, got {markers!r}")
+        self.marker_sources = list(self.markers)
+        by_text = {text: source for source, text in self.markers.items()}
+        self._marker_source = by_text
+        # Longest first, so "<image2>" is not read as "<image>" followed by "2>".
+        self._marker_pattern = re.compile("|".join(re.escape(t) for t in sorted(by_text, key=len, reverse=True))) if by_text else None
         self.config = read_config(checkpoint, config)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -108,33 +119,47 @@ class CausalLM(Decoder):
         return {"source": self.source, "config_hash": config_hash(self.config.to_dict())}
 
     # --- tokenization: one convention for every tokenizer family ---
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """bos (when the tokenizer has one) + prompt, with no eos: ByT5-style tokenizers append one by default."""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        return ([self.bos_id] if self.bos_id is not None else []) + list(ids)
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def encode_pair(self, prompt: str, target: str, max_tokens: int) -> tuple[list[int], list[int]]:
-        """Token ids and labels of prompt + target + eos, labels masked on the prompt."""
-        prompt_ids = self.encode_prompt(prompt)
-        target_ids = list(self.tokenizer(target, add_special_tokens=False)["input_ids"]) + [self.eos_id]
+    def encode_marked(self, prompt: str) -> tuple[list[int], dict[str, int]]:
+        """bos + prompt ids with each marker's text removed, and where each marker stood (the source's token position).
+
+        ByT5-style tokenizers append an eos by default, so special tokens are added by hand.
+        """
+        ids = [self.bos_id] if self.bos_id is not None else []
+        positions: dict[str, int] = {}
+        last = 0
+        for match in self._marker_pattern.finditer(prompt) if self._marker_pattern else ():
+            ids += self._tokens(prompt[last: match.start()])
+            positions[self._marker_source[match.group()]] = len(ids)
+            last = match.end()
+        return ids + self._tokens(prompt[last:]), positions
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """bos (when the tokenizer has one) + prompt, with no eos."""
+        return self.encode_marked(prompt)[0]
+
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[list[int], list[int], list[int]]:
+        """Token ids and labels of prompt + target + eos, labels masked on the prompt; and each marker's position (-1: absent)."""
+        prompt_ids, positions = self.encode_marked(sample["prompt"])
+        target_ids = self._tokens(sample["target"]) + [self.eos_id]
         ids = (prompt_ids + target_ids)[:max_tokens]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_tokens]
-        return ids, labels
+        return ids, labels, [positions.get(source, -1) for source in self.marker_sources]
 
-    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[list[int], list[int]]:
-        return self.encode_pair(sample["prompt"], sample["target"], max_tokens)
-
-    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-padded ids, mask and labels of prepared (ids, labels) rows."""
-        length = max(len(ids) for ids, _ in rows)
+    def collate(self, rows: list[tuple[list[int], list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-padded ids, mask and labels of prepared rows, and the marker positions (B, markers)."""
+        length = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(rows):
+        for row, (ids, row_labels, _) in enumerate(rows):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(ids)] = torch.tensor(row_labels)
             mask[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        positions = torch.tensor([p for _, _, p in rows], dtype=torch.long).reshape(len(rows), len(self.marker_sources))
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "marker_positions": positions}
 
     def _prefix_position(self) -> int:
         """Where the prefix goes in the token sequence: after the leading bos, or first."""
@@ -145,17 +170,20 @@ class CausalLM(Decoder):
 
     def forward(
         self,
-        prefix_embeds: torch.Tensor | None = None,  # (B, P, D) from the bridge(s)
+        prefix_embeds: torch.Tensor | RowTokens | None = None,  # (B, P, D) from the bridge(s), or per-row pieces (mixed batch)
         input_ids: torch.Tensor | None = None,  # (B, T) right-padded
         attention_mask: torch.Tensor | None = None,  # (B, T)
         labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX on prompt and padding
+        marker_positions: torch.Tensor | None = None,  # (B, markers): where each marked source's tokens go, -1 if unmarked
     ) -> dict[str, torch.Tensor]:
         if input_ids is None:
             raise MMAdaptError("causal_lm needs input_ids from the data")
         embeds = self.embed(input_ids)  # (B, T, D)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if prefix_embeds is not None:
+        if isinstance(prefix_embeds, RowTokens) or (prefix_embeds is not None and self.markers):
+            embeds, attention_mask, labels = self._splice_rows(embeds, attention_mask, labels, prefix_embeds, marker_positions)
+        elif prefix_embeds is not None:
             at = self._prefix_position()
             batch, prefix_len = prefix_embeds.shape[:2]
             prefix = self.prefix_to_embeddings(prefix_embeds)
@@ -166,11 +194,49 @@ class CausalLM(Decoder):
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
         return {"loss": out.loss, "logits": out.logits}
 
+    def _pieces(self, prefix: torch.Tensor | RowTokens, row: int, positions: dict[str, int]) -> list[tuple[int, int, torch.Tensor]]:
+        """(insert position, order, embeddings (P, D)) of one row's bridge tokens: at their marker, else the default place."""
+        found = prefix.rows[row] if isinstance(prefix, RowTokens) else [("", prefix[row])]
+        default = self._prefix_position()
+        return [(positions.get(source, default), order, self.prefix_to_embeddings(tokens)) for order, (source, tokens) in enumerate(found)]
+
+    @staticmethod
+    def _insert(row: torch.Tensor, pieces: list[tuple[int, int, torch.Tensor]], fill: torch.Tensor | None = None) -> torch.Tensor:
+        """`row` (T, ...) with each piece inserted at its position; with `fill`, the piece's length of that value instead."""
+        for at, _, piece in sorted(pieces, key=lambda p: (p[0], p[1]), reverse=True):  # back to front: earlier positions hold
+            inserted = piece if fill is None else fill.expand(piece.shape[0], *row.shape[1:])
+            row = torch.cat([row[:at], inserted, row[at:]], dim=0)
+        return row
+
+    def _splice_rows(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None, prefix: torch.Tensor | RowTokens,
+                     marker_positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Each row's tokens at its own places (markers differ per prompt, modalities per row); right-padded again."""
+        out_embeds, out_labels = [], []
+        for row in range(embeds.shape[0]):
+            length = int(mask[row].sum())
+            positions = {}
+            if marker_positions is not None:
+                positions = {s: int(p) for s, p in zip(self.marker_sources, marker_positions[row].tolist()) if p >= 0}
+            pieces = self._pieces(prefix, row, positions)
+            out_embeds.append(self._insert(embeds[row, :length], pieces))  # (P_i + T_i, D)
+            if labels is not None:
+                out_labels.append(self._insert(labels[row, :length], pieces, labels.new_tensor([IGNORE_INDEX])))
+        longest = max(e.shape[0] for e in out_embeds)
+        padded = embeds.new_zeros(len(out_embeds), longest, embeds.shape[-1])
+        new_mask = mask.new_zeros(len(out_embeds), longest)
+        new_labels = None if labels is None else labels.new_full((len(out_embeds), longest), IGNORE_INDEX)
+        for row, spliced in enumerate(out_embeds):
+            padded[row, : spliced.shape[0]] = spliced
+            new_mask[row, : spliced.shape[0]] = 1
+            if new_labels is not None:
+                new_labels[row, : spliced.shape[0]] = out_labels[row]
+        return padded, new_mask, new_labels
+
     @torch.no_grad()
     def generate(
         self,
         prompts: list[str],
-        prefix_embeds: torch.Tensor | None = None,  # (B, P, D)
+        prefix_embeds: torch.Tensor | RowTokens | None = None,  # (B, P, D), or per-row pieces (mixed batch)
         max_new_tokens: int = 16,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -178,13 +244,11 @@ class CausalLM(Decoder):
     ) -> list[str]:
         """Left-pad [prefix][bos prompt] per sample, so no padding sits between prefix and prompt."""
         rows = []
-        prefix_embeds = None if prefix_embeds is None else self.prefix_to_embeddings(prefix_embeds)
         for index, prompt in enumerate(prompts):
-            ids = torch.tensor(self.encode_prompt(prompt), dtype=torch.long, device=self.model.device)
-            row = self.embed(ids)  # (T_i, D)
+            ids, positions = self.encode_marked(prompt)
+            row = self.embed(torch.tensor(ids, dtype=torch.long, device=self.model.device))  # (T_i, D)
             if prefix_embeds is not None:
-                at = self._prefix_position()
-                row = torch.cat([row[:at], prefix_embeds[index], row[at:]], dim=0)  # (P + T_i, D)
+                row = self._insert(row, self._pieces(prefix_embeds, index, positions))  # (P_i + T_i, D)
             rows.append(row)
         length = max(r.shape[0] for r in rows)
         pad = self.embed(torch.tensor([self.pad_id], device=self.model.device))[0]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmadapt.errors import MMAdaptError
 from mmadapt.identity import config_hash
-from mmadapt.nodes import Decoder
+from mmadapt.nodes import Decoder, RowTokens
 from mmadapt.zoo import resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -176,6 +176,9 @@ class DiffusionDecoder(Decoder):
 
         Every prompt needs the placeholder, except prior-preservation rows (`prior_rows`), whose class prompts have none.
         """
+        if isinstance(token_embeds, RowTokens) or isinstance(context, RowTokens):
+            raise MMAdaptError("diffusion: a batch mixes modalities (a mixture dataset); the diffusion decoder takes one modality "
+                               "per batch, so train each modality's bridge on its own data")
         input_ids = input_ids.to(self.text_encoder.device)
         if token_embeds is None:
             states = self.text_encoder(input_ids).last_hidden_state
