@@ -71,8 +71,8 @@ class CardSet:
 def warm_up(model: Any) -> None:
     """One caption of a bundled example at start: first-call set-up (kernels, caches) happens before any visitor."""
     examples = sorted(DIGIT_EXAMPLES.glob("*.png"))
-    if examples and data_fields(model) == {"image": "image"}:
-        answer(model, ["image"], [examples[0]], caption_prompt(model), settings_of("greedy", 1.0, 8), Limits())
+    if examples and "image" in data_fields(model):
+        answer(model, ["image"], [examples[0]], None, settings_of("greedy", 1.0, 8), Limits())
 
 
 def settings_of(decoding: str, temperature: float, max_tokens: float) -> dict[str, Any]:
@@ -82,23 +82,48 @@ def settings_of(decoding: str, temperature: float, max_tokens: float) -> dict[st
     return {"max_new_tokens": int(max_tokens), "do_sample": sampled, **({"temperature": float(temperature)} if sampled else {})}
 
 
-def answer(model: Any, fields: dict[str, str], values: list[Any], prompt: str, settings: dict[str, Any], limits: Limits) -> str:
-    """One generation: the card's own inputs from the widgets, the prompt filled into the card's template."""
+def data_section(model: Any, given: set[str]) -> dict[str, Any]:
+    """The data section the card trained the given inputs with: its own, or the mixture part of that modality."""
+    from mmadapt.mixture import MixtureDataset
+
+    data = model.recipe.data
+    if data.get("type") != "mixture":
+        return data
+    if not hasattr(model, "demo_part_fields"):  # which fields each part's samples carry, read once per card
+        model.demo_part_fields = MixtureDataset(data["parts"]).fields
+    for part, carried in zip(data["parts"], model.demo_part_fields):
+        if carried == given:
+            return part
+    return {"template": "instruction", "prompt": ""}  # a combination no part trained: asked as eval asks questions
+
+
+def answer(model: Any, fields: list[str], values: list[Any], question: str | None, settings: dict[str, Any], limits: Limits) -> str:
+    """One generation: the card's inputs from the widgets; no question: its caption prompt, else the question in its template.
+
+    A multi-modality card takes whichever of its inputs are given (at least one); a single-modality card needs its own.
+    """
     from mmadapt.inference import generate_for_samples
 
     by_field = dict(zip(fields, values))
+    own = data_fields(model)
+    mixed = model.recipe.data.get("type") == "mixture"
     sample: dict[str, Any] = {"text": "", "key": "demo", "id": 0}
-    for field, modality in data_fields(model).items():
+    for field, modality in own.items():
+        if mixed and by_field.get(field) is None:
+            continue
         sample[field] = read_input(modality, by_field.get(field), field, limits)
-    template = model.recipe.data.get("template", "caption")
-    reply = generate_for_samples(model, [sample], format_sample(template, "", prompt)[0], **settings)[0]
-    turn = TEMPLATES[template][0].split("{prompt}")[0].strip()  # e.g. "Question:": a reply that runs on into a new turn
-    return (reply.split(turn)[0] if turn else reply).strip()  # stops there, as a chat reply would
-
-
-def caption_prompt(model: Any) -> str:
-    """The question the card was trained to caption with (its data prompt), as `mmadapt eval` asks it."""
-    return str(model.recipe.data.get("prompt", ""))
+    if mixed and not set(own) & set(sample):
+        raise DataError(f"no input given; this card takes any of: {', '.join(own)}")
+    section = data_section(model, set(own) & set(sample))
+    template = section.get("template", "caption")
+    if question is None:
+        prompt = format_sample(template, "", section.get("prompt", ""))[0]
+    else:
+        template = "instruction" if template == "raw" else template  # a raw prompt has no question slot: ask as eval does
+        prompt = format_sample(template, "", question)[0]
+    reply = generate_for_samples(model, [sample], prompt, **settings)[0]
+    turn = "Question:" if template == "raw" else TEMPLATES[template][0].split("{prompt}")[0].strip()
+    return (reply.split(turn)[0] if turn else reply).strip()  # a reply that runs on into a new turn stops there, as a chat reply would
 
 
 def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = None) -> Any:
@@ -123,13 +148,13 @@ def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = No
     def caption(card: str, *args: Any) -> str:
         values, (decoding, temperature, max_tokens) = list(args[: len(fields)]), args[len(fields):]
         model = card_set.get(card)
-        return answer(model, fields, values, caption_prompt(model), settings_of(decoding, temperature, max_tokens), limits)
+        return answer(model, fields, values, None, settings_of(decoding, temperature, max_tokens), limits)
 
     @as_ui_errors
     def ask(card: str, question: str, history: list[dict[str, Any]] | None, *args: Any) -> tuple[list[dict[str, Any]], str]:
         values, (decoding, temperature, max_tokens) = list(args[: len(fields)]), args[len(fields):]
         model = card_set.get(card)
-        if model.recipe.data.get("template", "caption") == "caption":
+        if model.recipe.data.get("template", "caption") == "caption" and model.recipe.data.get("type") != "mixture":
             raise DataError(f"card {card}: it was trained with the caption template, which has no question slot")
         if not (question or "").strip():
             raise DataError("question: empty; type a question about the input")

@@ -120,14 +120,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mmadapt.inference import generate_from_images, load_card
+    from mmadapt.inference import generate_from_files, load_card
 
+    given = {field: files for field in ("image", "audio", "points") if (files := getattr(args, field))}
+    if len(given) != 1:
+        raise MMAdaptError("give inputs of one kind: --image, --audio or --points (each repeatable)")
+    (field, files), = given.items()
     model = load_card(args.card)
     settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
     if args.sample:
         settings.update(temperature=args.temperature, top_p=args.top_p)
-    for image, text in zip(args.image, generate_from_images(model, args.image, args.prompt or "", **settings)):
-        print(f"{image}: {text}")
+    for path, text in zip(files, generate_from_files(model, field, files, args.prompt or "", **settings)):
+        print(f"{path}: {text}")
     return 0
 
 
@@ -208,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_command("info", cmd_info, "build the graph and print its nodes, sizes and shapes")
     train = recipe_command("train", cmd_train, "train the recipe's bridge and write a card")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    generate = sub.add_parser("generate", help="caption or answer about images with a trained card")
+    generate = sub.add_parser("generate", help="caption or answer about images, recordings or point clouds with a trained card")
     generate.add_argument("card", help="a bridge card folder")
-    generate.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
+    generate.add_argument("--image", action="append", help="an image file (repeatable)")
+    generate.add_argument("--audio", action="append", help="a WAV/FLAC/OGG/MP3 file (repeatable)")
+    generate.add_argument("--points", action="append", help="a .npy/.ply/.xyz point cloud (repeatable)")
     generate.add_argument("--prompt", help="a question, filled into the card's prompt template")
     generate.add_argument("--max-new-tokens", type=int, default=24)
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

@@ -47,9 +47,27 @@ def generate_for_samples(model: AssembledModel, samples: list[dict[str, Any]], p
         return model.generate(batch, [prompt] * len(samples), **settings)
 
 
+def generate_from_files(model: AssembledModel, field: str, files: list[Any], prompt: str = "", **settings: Any) -> list[str]:
+    """Caption or answer about each input (an image, a recording, a point cloud) read by the encoder of `field`.
+
+    `prompt` is filled into the card's data template (for a mixture, into the template of the part that trained `field`).
+    """
+    if field not in encoder_fields(model):
+        raise MMAdaptError(f"the card's encoders read {', '.join(sorted(encoder_fields(model))) or 'nothing'}, not {field}")
+    data = model.recipe.data
+    if data.get("type") == "mixture":  # the part that trained this modality, so its marker places the tokens
+        from mmadapt.mixture import MixtureDataset
+
+        data = next(p for p, carried in zip(data["parts"], MixtureDataset(data["parts"]).fields) if field in carried)
+    template = data.get("template", "caption")
+    if template == "raw":  # a raw prompt is the training prompt as written: a question goes in eval's instruction form
+        formatted = format_sample("instruction", "", prompt)[0] if prompt else data.get("prompt", "")
+    else:
+        formatted = format_sample(template, "", prompt)[0]
+    samples = [{field: item, "text": "", "key": str(i), "id": i} for i, item in enumerate(files)]
+    return generate_for_samples(model, samples, formatted, **settings)
+
+
 def generate_from_images(model: AssembledModel, images: list[Any], prompt: str = "", **settings: Any) -> list[str]:
     """Caption or answer about each image; `prompt` is filled into the card's data template."""
-    template = model.recipe.data.get("template", "caption")
-    formatted = format_sample(template, "", prompt)[0]
-    samples = [{"image": image, "text": "", "key": str(i), "id": i} for i, image in enumerate(images)]
-    return generate_for_samples(model, samples, formatted, **settings)
+    return generate_from_files(model, "image", images, prompt, **settings)

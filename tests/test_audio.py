@@ -61,15 +61,69 @@ def test_bad_clips_get_one_message_naming_the_file(tmp_path: Path) -> None:
         silent: r"silent.wav: the clip is silent \(peak -inf dBFS",
         empty: "empty.wav: the clip is empty",
     }
+    whole = tmp_path / "whole.wav"
+    soundfile.write(whole, tone(1.0, 8000), 8000, subtype="PCM_16")
+    (tmp_path / "cut.wav").write_bytes(whole.read_bytes()[: 44 + 8000])  # a download cut off halfway
+    cases[tmp_path / "cut.wav"] = r"cut.wav: truncated WAV \(its header promises 8000 frames, the file holds 4000\)"
     for path, message in cases.items():
         with pytest.raises(DataError, match=message):
             read_audio(path, rules)
+    assert len(read_audio(whole, rules)) == 16_000
     with pytest.raises(DataError, match="the recording: the clip holds NaN"):
         read_audio((8000, np.array([0.1, np.nan, 0.2], np.float32)), rules)
     with pytest.raises(DataError, match="sample rate 1000 Hz is not supported"):
         read_audio((1000, tone(1.0, 1000)), rules)
     with pytest.raises(MMAdaptError, match="too_long must be one of crop, error"):
         AudioRules(16_000, too_long="truncate")
+
+
+def bad_clip_dataset(tmp_path: Path) -> Path:
+    """An audio_captions JSONL of 8 rows: 6 good tones, one silent clip and one text file named .wav."""
+    rows = []
+    for index in range(8):
+        soundfile.write(tmp_path / f"good{index}.wav", tone(0.2 + 0.05 * index, 8000), 8000)
+        rows.append({"audio": f"good{index}.wav", "text": f"tone {index}"})
+    soundfile.write(tmp_path / "silent.wav", np.zeros(800, np.float32), 8000)
+    (tmp_path / "notes.wav").write_text("not audio")
+    rows[2]["audio"], rows[5]["audio"] = "silent.wav", "notes.wav"
+    (tmp_path / "clips.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return tmp_path / "clips.jsonl"
+
+
+def tiny_audio_recipe(tmp_path: Path, data: dict, **train: object) -> dict:
+    return {"name": "tiny-audio", "graph": {
+        "audio": {"type": "audiomae", "config": dict(TINY_MAE)},
+        "bridge": {"type": "qformer", "inputs": {"context": "audio"}, "num_queries": 4, "hidden_size": 32, "num_layers": 1,
+                   "num_heads": 2, "cross_attention_every": 1},
+        "llm": {"type": "causal_lm", "config": dict(TINY_LMS["llama"]), "tokenizer": "bytes", "inputs": {"prefix_embeds": "bridge"}}},
+        "data": data, "train": {"lr": 1e-2, "batch_size": 4, "steps": 2, "log_every": 1, "output_dir": str(tmp_path / "run"), **train}}
+
+
+def test_bad_clips_in_a_dataset_are_skipped_and_counted_or_fail_fast(tmp_path: Path) -> None:
+    from mmadapt.train import Trainer
+    from mmadapt.validate import check_recipe
+
+    raw = tiny_audio_recipe(tmp_path, {"type": "audio_captions", "path": str(bad_clip_dataset(tmp_path))})
+    trainer = Trainer(*check_recipe(raw, "test"))
+    trainer.train()
+    skipped = trainer.train_collator.bad_samples
+    assert any("silent.wav: the clip is silent" in s for s in skipped)
+    assert any("notes.wav: not a readable audio file" in s for s in skipped)
+    raw["train"]["skip_bad_samples"] = False
+    with pytest.raises(DataError, match=r"(silent.wav|notes.wav)"):
+        Trainer(*check_recipe(raw, "test")).train()
+
+
+def test_generate_answers_about_a_recording_and_exits_non_zero_on_a_bad_one(tmp_path: Path) -> None:
+    from mmadapt.cli import main
+    from mmadapt.train import Trainer
+    from mmadapt.validate import check_recipe
+
+    data = {"type": "audio_captions", "path": str(bad_clip_dataset(tmp_path)), "template": "instruction", "prompt": "What is it?"}
+    card = Trainer(*check_recipe(tiny_audio_recipe(tmp_path, data), "test")).train()
+    assert main(["generate", str(card), "--audio", str(tmp_path / "good0.wav"), "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(card), "--audio", str(tmp_path / "silent.wav")]) != 0
+    assert main(["generate", str(card), "--image", str(tmp_path / "good0.wav")]) != 0  # the card reads audio, not images
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,6 +58,9 @@ def read_audio(source: str | Path | tuple[int, np.ndarray], rules: AudioRules) -
             raise DataError(f"{name}: not a readable audio file ({exc})") from None
         except OSError as exc:
             raise DataError(f"{name}: cannot read ({exc.strerror or exc})") from None
+        declared = wav_declared_frames(Path(source))
+        if declared is not None and declared > len(samples):
+            raise DataError(f"{name}: truncated WAV (its header promises {declared} frames, the file holds {len(samples)})")
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 1:
         samples = samples[:, None]  # (T, C)
@@ -82,6 +85,20 @@ def read_audio(source: str | Path | tuple[int, np.ndarray], rules: AudioRules) -
 
         wave = soxr.resample(wave, rate, rules.rate)
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def wav_declared_frames(path: Path) -> int | None:
+    """The frame count a PCM WAV header declares; None for other files. libsndfile reads a cut-off WAV without
+    complaint (it counts what is there), so this is how a truncated download is told from a short clip."""
+    import wave
+
+    if path.suffix.lower() != ".wav":
+        return None
+    try:
+        with wave.open(str(path), "rb") as handle:
+            return handle.getnframes()
+    except (wave.Error, EOFError, OSError):
+        return None  # float or extensible WAVs, which the stdlib reader does not parse; libsndfile checked the rest
 
 
 def audio_key(path: str | Path) -> str:
