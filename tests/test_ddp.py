@@ -85,8 +85,9 @@ def test_ddp_loss_curve_matches_one_process_at_the_same_global_batch(runs: dict[
 def test_only_rank_zero_writes_the_card_and_checkpoints(runs: dict[str, object]) -> None:
     root = Path(str(runs["root"]))
     log = str(runs["log"])
-    assert log.count("card: ") == 2  # both ranks ran `mmadapt train` to the end...
-    assert log.count("card written to") == 1  # ...and only rank 0 wrote the card
+    # Both ranks ran to the end (the launcher exits 0 only then, asserted in the fixture)...
+    assert log.count("card: ") == 1  # ...only the main process reports the card...
+    assert log.count("card written to") == 1  # ...and only rank 0 wrote it
     assert log.count(f"step {STEPS}/{STEPS}: loss") == 1
     assert (root / "ddp" / "card" / "bridge.safetensors").is_file()
     leftovers = [p.name for p in (root / "ddp").rglob(".*") if p.name.startswith((".tmp-", ".old-"))]
