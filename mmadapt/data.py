@@ -213,7 +213,7 @@ class Collator:
 def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A copy of a collated batch with its tensors on `device` (the collator works on the CPU)."""
     moved = dict(batch)
-    moved["node_inputs"] = {n: {p: t.to(device) for p, t in ports.items()} for n, ports in batch["node_inputs"].items()}
+    moved["node_inputs"] = {n: {p: t if t is None else t.to(device) for p, t in ports.items()} for n, ports in batch["node_inputs"].items()}
     if "precomputed" in batch:
         moved["precomputed"] = {n: t.to(device) for n, t in batch["precomputed"].items()}
     return moved

@@ -47,6 +47,8 @@ def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
     if token is not None:
         save_file({decoder.placeholder: token}, str(folder / TEXTUAL_INVERSION))
         written.append(TEXTUAL_INVERSION)
+    if not written:  # e.g. an AudioToken card: a per-sample token has nothing stock diffusers could load
+        folder.rmdir()
     return written
 
 

@@ -9,10 +9,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from mmadapt.data import format_sample
-from mmadapt.digits import WORDS
+from mmadapt.digits import WORDS, digit_image, load_digits_arrays, split_indices
 from mmadapt.errors import DataError, MMAdaptError
 
 ENV_VAR = "MMADAPT_FSDD"
@@ -69,6 +70,15 @@ def fetch_fsdd(folder: str | Path) -> Path:
     return fsdd_root(folder)
 
 
+def scans_by_digit(split: str) -> dict[int, list[np.ndarray]]:
+    """The 8x8 scans of a digits split, grouped by the digit they show."""
+    pixels, labels = load_digits_arrays()
+    grouped: dict[int, list[np.ndarray]] = {digit: [] for digit in range(10)}
+    for index in split_indices(split):
+        grouped[int(labels[index])].append(pixels[index])
+    return grouped
+
+
 class FSDDCaptions(Dataset):
     """Each sample: one recording of a spoken digit and a caption naming the number."""
 
@@ -84,12 +94,19 @@ class FSDDCaptions(Dataset):
         limit: int | None = None,  # only the first N samples, spread over digits and speakers (quick tests)
         text: str | None = None,  # one text for every sample, e.g. "a handwritten <*>" for a token bridge
         speakers: list[str] | None = None,  # keep only these speakers (e.g. to hold one out)
+        # "digits": each recording also carries a handwritten scan of its digit (from the digits split of the same
+        # name; train_all draws from train), the picture a diffusion decoder learns to draw for it. AudioToken pairs
+        # a clip with a frame of its own video; FSDD has no pictures, so the digit is what the two share.
+        paired_image: str | None = None,
     ) -> None:
         if split not in SPLIT_INDICES:
             raise DataError(f"FSDD split '{split}' unknown; splits: {', '.join(SPLIT_INDICES)}")
         if style not in ("varied", "fixed"):
             raise DataError(f"style must be varied or fixed, got {style!r}")
         format_sample(template, "", "")
+        if paired_image not in (None, "digits"):
+            raise DataError(f"paired_image must be 'digits' or left out, got {paired_image!r}")
+        self.paired_scans = scans_by_digit("train" if split == "train_all" else split) if paired_image else None
         self.root = fsdd_root(root)
         every = recordings(self.root)
         known = sorted({speaker for _, _, speaker, _ in every})
@@ -124,5 +141,8 @@ class FSDDCaptions(Dataset):
         path, label, speaker, _ = self.rows[position]
         text = self.text if self.text is not None else self.caption(label)
         prompt, target = format_sample(self.template, text, self.prompt)
-        return {"audio": path, "prompt": prompt, "target": target, "text": text, "key": audio_key(path),
-                "id": position, "label": label, "speaker": speaker}
+        sample = {"audio": path, "prompt": prompt, "target": target, "text": text, "key": audio_key(path),
+                  "id": position, "label": label, "speaker": speaker}
+        if self.paired_scans is not None:
+            sample["image"] = digit_image(self.rng.choice(self.paired_scans[label]))
+        return sample

@@ -256,6 +256,40 @@ def test_fsdd_keeps_its_own_split_and_names_each_speaker() -> None:
         FSDDCaptions(speakers=["alice"])
 
 
+@needs_fsdd
+def test_paired_images_are_scans_of_the_spoken_digit_from_the_matching_split() -> None:
+    from mmadapt.digits import digit_image, load_digits_arrays, split_indices
+
+    pixels, labels = load_digits_arrays()
+    for split, scans_from in [("train", "train"), ("train_all", "train"), ("test", "test")]:
+        data = FSDDCaptions(split=split, paired_image="digits", limit=30)
+        allowed = {d: {digit_image(pixels[i]).tobytes() for i in split_indices(scans_from) if labels[i] == d} for d in range(10)}
+        drawn = [data[position] for position in range(len(data))]
+        assert all(s["image"].tobytes() in allowed[s["label"]] for s in drawn)  # a real scan of the spoken digit, same split
+        assert len({s["image"].tobytes() for s in drawn}) > 20  # drawn afresh, not one picture per digit
+    assert "image" not in FSDDCaptions(split="test", limit=1)[0]
+    with pytest.raises(DataError, match="paired_image must be 'digits'"):
+        FSDDCaptions(paired_image="photos")
+
+
+@needs_fsdd
+def test_a_diffusion_recipe_on_recordings_without_pictures_says_what_to_add(tmp_path: Path) -> None:
+    from mmadapt.train import Trainer
+    from mmadapt.validate import check_recipe
+
+    raw = {"name": "audio-token-no-pictures", "graph": {
+        "audio": {"type": "audiomae", "config": dict(TINY_MAE), "feature": "pooled"},
+        "token": {"type": "token", "inputs": {"x": "audio"}, "num_tokens": 1},
+        "sd": {"type": "diffusion", "checkpoint": "zoo:digits-sd", "placeholder": "<*>", "inputs": {"token_embeds": "token"}}},
+        "data": {"type": "fsdd_captions", "split": "train", "limit": 4, "text": "a handwritten <*>"},
+        "train": {"batch_size": 4, "steps": 1, "output_dir": str(tmp_path / "run")}}
+    with pytest.raises(MMAdaptError, match="the data gives none.*paired_image: digits"):
+        Trainer(*check_recipe(raw, "test")).train()
+    raw["data"]["paired_image"] = "digits"
+    card = Trainer(*check_recipe(raw, "test")).train()
+    assert (card / "bridge.safetensors").is_file()
+
+
 def test_a_missing_fsdd_folder_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"FSDD not found at {tmp_path} .*mmadapt data fsdd DIR"):
         FSDDCaptions(root=str(tmp_path))

@@ -157,17 +157,26 @@ class DiffusionDecoder(Decoder):
         return self.tokenizer(expanded, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
                               return_tensors="pt").input_ids
 
-    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[str, torch.Tensor, float, bool]:
-        """(prompt, target pixels, loss weight, is a class image); the sample's text is the prompt, its image the target."""
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[str, torch.Tensor | None, float, bool]:
+        """(prompt, target pixels, loss weight, is a class image); the sample's text is the prompt, its image the target.
+
+        A sample without an image (one to draw from, e.g. a recording) has no target; training on it is refused in forward.
+        """
         from mmadapt.encoders.image import open_image
 
-        return (sample["text"], self.preprocess_image(open_image(sample["image"])), float(sample.get("loss_weight", 1.0)),
+        pixels = self.preprocess_image(open_image(sample["image"])) if "image" in sample else None
+        return (sample["text"], pixels, float(sample.get("loss_weight", 1.0)),
                 bool(sample.get("prior", False)))
 
-    def collate(self, rows: list[tuple[str, torch.Tensor, float, bool]]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[tuple[str, torch.Tensor | None, float, bool]]) -> dict[str, torch.Tensor | None]:
         """Prompt ids (B, L), target pixels (B, 3, H, W), per-sample loss weights (B,) and class-image flags (B,)."""
-        return {"input_ids": self.tokenize([r[0] for r in rows]), "pixel_values": torch.stack([r[1] for r in rows]),
+        pictures = [r[1] for r in rows]
+        if any(p is None for p in pictures) and not all(p is None for p in pictures):
+            raise MMAdaptError("some samples of a batch carry a target picture and some do not; the diffusion decoder "
+                               "needs one for every sample it trains on")
+        batch = {"input_ids": self.tokenize([r[0] for r in rows]), "pixel_values": None if pictures[0] is None else torch.stack(pictures),
                 "loss_weight": torch.tensor([r[2] for r in rows]), "prior": torch.tensor([r[3] for r in rows])}
+        return batch  # pixel_values None: pictures to draw from, not to train on (forward says so)
 
     # --- conditioning ---
     def encode_text(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None,
@@ -214,7 +223,8 @@ class DiffusionDecoder(Decoder):
     ) -> dict[str, torch.Tensor]:
         if latents is None:
             if pixel_values is None:
-                raise MMAdaptError("the diffusion decoder needs pixel_values (or latents) from the data")
+                raise MMAdaptError("the diffusion decoder learns to draw each sample's picture, and the data gives none: give "
+                                   "its samples an image field (for fsdd_captions: paired_image: digits)")
             latents = self.latents(pixel_values)
         batch = latents.shape[0]
         noise = torch.randn_like(latents)
