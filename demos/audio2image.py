@@ -43,8 +43,8 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
     limits = limits or Limits()
     card = Path(card or DEFAULT_CARD)
     if card == DEFAULT_CARD and not card.is_dir():
-        raise CardError(f"{card}: no shipped audio card yet; train one with `mmadapt train {RECIPE.relative_to(REPO_ROOT)}` "
-                        "and pass its card folder with --card")
+        raise CardError(f"{card}: the shipped audio card is missing; remake it with `mmadapt train "
+                        f"{RECIPE.relative_to(REPO_ROOT)}` and copy runs/mini-audio-token/card there, or pass --card")
     model = load_demo_card(card, "audio2image", "image", ("audio",))
     field = audio_field(model)
     prompt = str(model.recipe.data.get("text") or model.decoder.placeholder)  # what the bridge was trained inside
@@ -72,7 +72,7 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
                     f"diffusion model's prompt `{prompt}` (AudioToken's design). Card: `{card}`.")
         with gr.Row():
             with gr.Column():
-                audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Audio", elem_id="audio")
+                audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="audio")
                 clips = example_clips()
                 if clips:
                     gr.Examples([[str(c)] for c in clips], inputs=[audio], label="Spoken digits (FSDD test split)")
