@@ -1,0 +1,100 @@
+"""How well different readers get the spoken digit out of the frozen zoo audio encoder's tokens (not a speed benchmark).
+
+    python benchmarks/audio_readouts.py [--untrained]
+
+This is the README's measurement of why the audio bridges miss their targets. Each reader gets the same frozen
+`fsdd-audiomae` patch tokens (B, 48, 128): it trains on FSDD's train split (indices 5-49, as the encoder did) and is
+scored on the test split (0-4). The readers are: logistic regression on the flattened tokens and on their mean;
+and two small nets trained directly with cross-entropy, an MLP over the flattened grid and attention pooling with
+8 learned queries (what a Q-Former's cross-attention or AudioToken's pooling can do at best, without the LM).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, table  # noqa: E402
+
+STEPS, BATCH, LR = 1000, 32, 2e-3
+
+
+class AttentionPooling(nn.Module):
+    """8 learned queries cross-attend to the tokens (one layer), then a linear head over the pooled queries."""
+
+    def __init__(self, width: int, queries: int = 8) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(queries, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, 4, batch_first=True)
+        self.head = nn.Linear(queries * width, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, 10)
+        context = self.norm(tokens)
+        pooled, _ = self.attention(self.queries.expand(len(tokens), -1, -1), context, context)
+        return self.head(pooled.flatten(1))
+
+
+def tokens_of(encoder: nn.Module, split: str) -> tuple[torch.Tensor, np.ndarray]:
+    from mmadapt.fsdd import FSDDCaptions
+
+    data = FSDDCaptions(split, style="fixed")
+    inputs = torch.stack([encoder.preprocess(data[i]["audio"]) for i in range(len(data))])
+    with torch.no_grad():
+        tokens = torch.cat([encoder(inputs[j: j + 128]) for j in range(0, len(inputs), 128)])  # (N, P, D)
+    return tokens, np.array([data.label(i) for i in range(len(data))])
+
+
+def trained_reader(net: nn.Module, train: torch.Tensor, labels: np.ndarray, test: torch.Tensor, truth: np.ndarray) -> float:
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(net.parameters(), LR)
+    targets = torch.as_tensor(labels)
+    for _ in range(STEPS):
+        rows = torch.randint(0, len(train), (BATCH,), generator=generator)
+        loss = nn.functional.cross_entropy(net(train[rows]), targets[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((net(test).argmax(-1).numpy() == truth).mean())
+
+
+def main() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mmadapt.encoders.audiomae import AudioMAE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--untrained", action="store_true", help="the same architecture with random weights (the control)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    encoder = AudioMAE(checkpoint="zoo:fsdd-audiomae", feature="patch", load_weights=not args.untrained).eval()
+    train, labels = tokens_of(encoder, "train_all")
+    test, truth = tokens_of(encoder, "test")
+
+    def logistic(features: torch.Tensor, test_features: torch.Tensor) -> float:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5))
+        probe.fit(features.numpy(), labels)
+        return float((probe.predict(test_features.numpy()) == truth).mean())
+
+    width, grid = train.shape[2], train.shape[1] * train.shape[2]
+    rows = [
+        ["logistic regression, flattened tokens", logistic(train.flatten(1), test.flatten(1))],
+        ["logistic regression, mean of tokens", logistic(train.mean(1), test.mean(1))],
+        [f"MLP over the flattened grid ({STEPS} steps)", trained_reader(
+            nn.Sequential(nn.Flatten(), nn.Linear(grid, 256), nn.GELU(), nn.Linear(256, 10)), train, labels, test, truth)],
+        [f"attention pooling, 8 queries ({STEPS} steps)", trained_reader(AttentionPooling(width), train, labels, test, truth)],
+    ]
+    print(f"fsdd-audiomae ({'untrained' if args.untrained else 'trained'}), tokens {tuple(train.shape[1:])}; {machine()}")
+    print(table(["reader", "test accuracy"], rows))
+
+
+if __name__ == "__main__":
+    main()
