@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,23 @@ def build(raw: dict[str, Any]) -> Any:
 
     recipe, plan = check_recipe(raw, "test")
     return assemble(recipe, plan)
+
+
+def bad_files_are_skipped_then_fail_fast(raw: dict[str, Any], messages: list[str]) -> None:
+    """Train on data holding bad files: each message is among the skipped samples; then, with skip_bad_samples off,
+    the run stops with one of them."""
+    from mmadapt.errors import DataError
+    from mmadapt.train import Trainer
+    from mmadapt.validate import check_recipe
+
+    trainer = Trainer(*check_recipe(raw, "test"))
+    trainer.train()
+    skipped = trainer.train_collator.bad_samples
+    for message in messages:
+        assert any(message in s for s in skipped), f"{message!r} not among {skipped}"
+    raw["train"]["skip_bad_samples"] = False
+    with pytest.raises(DataError, match="|".join(re.escape(m) for m in messages)):
+        Trainer(*check_recipe(raw, "test")).train()
 
 
 def batch_for(model: Any, count: int = 4, split: str = "train") -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import TINY_LMS, build
+from conftest import TINY_LMS, bad_files_are_skipped_then_fail_fast, build
 from mmadapt.encoders.audio import AudioRules, read_audio
 from mmadapt.encoders.audiomae import AudioMAE, map_official_state_dict
 from mmadapt.errors import DataError, MMAdaptError
@@ -100,18 +100,8 @@ def tiny_audio_recipe(tmp_path: Path, data: dict, **train: object) -> dict:
 
 
 def test_bad_clips_in_a_dataset_are_skipped_and_counted_or_fail_fast(tmp_path: Path) -> None:
-    from mmadapt.train import Trainer
-    from mmadapt.validate import check_recipe
-
     raw = tiny_audio_recipe(tmp_path, {"type": "audio_captions", "path": str(bad_clip_dataset(tmp_path))})
-    trainer = Trainer(*check_recipe(raw, "test"))
-    trainer.train()
-    skipped = trainer.train_collator.bad_samples
-    assert any("silent.wav: the clip is silent" in s for s in skipped)
-    assert any("notes.wav: not a readable audio file" in s for s in skipped)
-    raw["train"]["skip_bad_samples"] = False
-    with pytest.raises(DataError, match=r"(silent.wav|notes.wav)"):
-        Trainer(*check_recipe(raw, "test")).train()
+    bad_files_are_skipped_then_fail_fast(raw, ["silent.wav: the clip is silent", "notes.wav: not a readable audio file"])
 
 
 def test_generate_answers_about_a_recording_and_exits_non_zero_on_a_bad_one(tmp_path: Path) -> None:
@@ -343,3 +333,4 @@ def test_zoo_member_reproduces_its_recorded_linear_probe() -> None:
         "llm": {"type": "causal_lm", "checkpoint": "zoo:digits-lm", "inputs": {"prefix_embeds": "proj"}}},
         "data": {"type": "fsdd_captions", "split": "train", "limit": 4}})
     assert model.plan.bridge_dims["proj"] == {"in_dim": 128, "out_dim": 128}
+    assert model.nodes["audio"].describe()["source"] == "zoo:fsdd-audiomae"  # a card names the member, not this machine's path

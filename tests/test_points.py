@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_LMS, build
+from conftest import TINY_LMS, bad_files_are_skipped_then_fail_fast, build
 from mmadapt.encoders.point_cloud import (PointBERT, PointBERTBackbone, PointBERTConfig, farthest_point_sample, group_points,
                                           knn_indices)
 from mmadapt.errors import DataError, MMAdaptError
@@ -259,9 +259,6 @@ def test_bad_files_get_one_message_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_bad_files_in_a_dataset_are_skipped_and_counted_or_fail_fast(tmp_path: Path) -> None:
-    from mmadapt.train import Trainer
-    from mmadapt.validate import check_recipe
-
     bad_files(tmp_path)
     rng = np.random.default_rng(0)
     rows = []
@@ -272,14 +269,8 @@ def test_bad_files_in_a_dataset_are_skipped_and_counted_or_fail_fast(tmp_path: P
     (tmp_path / "clouds.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     raw = tiny_points_recipe("linear_projector", steps=2, batch_size=4, output_dir=str(tmp_path / "run"))
     raw["data"] = {"type": "point_captions", "path": str(tmp_path / "clouds.jsonl")}
-    trainer = Trainer(*check_recipe(raw, "test"))
-    trainer.train()
-    skipped = trainer.train_collator.bad_samples
-    assert any("nan.npy: point cloud has 1 of 10 points with NaN" in s for s in skipped)
-    assert any("truncated.ply: not a readable PLY file" in s for s in skipped)
-    raw["train"]["skip_bad_samples"] = False
-    with pytest.raises(DataError, match=r"(nan.npy|truncated.ply)"):
-        Trainer(*check_recipe(raw, "test")).train()
+    bad_files_are_skipped_then_fail_fast(raw, ["nan.npy: point cloud has 1 of 10 points with NaN",
+                                               "truncated.ply: not a readable PLY file"])
     with pytest.raises(DataError, match="clouds.jsonl:1: each row needs 'points' and 'text'"):
         (tmp_path / "clouds.jsonl").write_text('{"image": "good0.npy", "text": "x"}\n')
         PointCaptionDataset(str(tmp_path / "clouds.jsonl"))

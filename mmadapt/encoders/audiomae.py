@@ -72,7 +72,7 @@ def _load_source(checkpoint: str, config: dict[str, Any] | None) -> tuple[AudioM
         cfg = AudioMAEConfig.from_dict({**json.loads(config_path.read_text()), **(config or {})}, str(config_path))
         from safetensors.torch import load_file
 
-        return cfg, load_file(str(path / WEIGHTS_FILE)), str(path)
+        return cfg, load_file(str(path / WEIGHTS_FILE)), checkpoint  # as given (zoo:NAME), not this machine's path
     if path.is_file():
         try:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -80,7 +80,7 @@ def _load_source(checkpoint: str, config: dict[str, Any] | None) -> tuple[AudioM
             raise MMAdaptError(f"checkpoint '{checkpoint}': cannot read it as a torch checkpoint ({exc})") from None
         state, fine_tuned = map_official_state_dict(raw, checkpoint)
         cfg = AudioMAEConfig.from_dict({"fc_norm": fine_tuned, **(config or {})}, f"graph config for {checkpoint}")
-        return cfg, state, str(path)
+        return cfg, state, checkpoint
     raise MMAdaptError(f"checkpoint '{checkpoint}': no such folder or file (AudioMAE loads a saved folder or an official .pth)")
 
 

@@ -74,10 +74,9 @@ def patchify(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def masked_loss(vit: nn.Module, decoder: SpectrogramDecoder, images: torch.Tensor, generator: torch.Generator,
-                pad_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+                pad_value: float) -> torch.Tensor:
     """MAE: encode a random fifth of the patches, rebuild the rest; MSE on per-patch-normalized targets of the masked
-    patches that hold sound (a patch of pure padding is constant, so rebuilding it teaches nothing). Also returns the
-    mean of the encoded visible tokens (B, D), the view's feature for the agreement loss."""
+    patches that hold sound (a patch of pure padding is constant, so rebuilding it teaches nothing)."""
     tokens = vit.patch_embed(images[:, None]) + vit.pos_embed[:, 1:]  # (B, P, D); position 0 is the class token's
     batch, patches, width = tokens.shape
     kept = int(patches * (1 - MASK_RATIO))
@@ -87,11 +86,11 @@ def masked_loss(vit: nn.Module, decoder: SpectrogramDecoder, images: torch.Tenso
     cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(batch, -1, -1)
     encoded = vit.norm(vit.blocks(torch.cat([cls, visible], dim=1)))[:, 1:]  # (B, V, D)
     predicted = decoder(encoded, keep, patches)
-    target = patchify(images, vit.patch_embed.patch_size[0])
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    sound = (patchify(images, vit.patch_embed.patch_size[0]) != pad_value).any(-1)  # (B, P)
+    pieces = patchify(images, vit.patch_embed.patch_size[0])  # (B, P, size * size)
+    target = (pieces - pieces.mean(-1, keepdim=True)) / (pieces.var(-1, keepdim=True) + 1e-6).sqrt()
+    sound = (pieces != pad_value).any(-1)  # (B, P)
     masked = torch.ones(batch, patches, dtype=torch.bool).scatter_(1, keep, False) & sound
-    return F.mse_loss(predicted[masked], target[masked]), encoded.mean(dim=1)
+    return F.mse_loss(predicted[masked], target[masked])
 
 
 def shifted(images: torch.Tensor, generator: torch.Generator, pad_value: float) -> torch.Tensor:
@@ -180,7 +179,7 @@ def train(out_dir: Path, seed: int = 0, epochs: int = 40, batch_size: int = 64, 
         total = contrast = 0.0
         for offset in range(0, per_epoch * batch_size, batch_size):
             clips = train_banks[order[offset: offset + batch_size]]
-            reconstruction, _ = masked_loss(vit, decoder, shifted(clips, generator, pad_value), generator, pad_value)
+            reconstruction = masked_loss(vit, decoder, shifted(clips, generator, pad_value), generator, pad_value)
             views = spec_augment(shifted(warped(torch.cat([clips, clips]), generator, pad_value), generator, pad_value),
                                  generator, pad_value)
             # The pooled feature (mean of all tokens, as the node pools) of two augmented views should agree. MAE alone
