@@ -50,7 +50,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"card: {card}")
     from mmadapt.evaluate import is_labelled
 
-    if is_labelled(recipe.data):
+    if trainer.sharded:  # the test split would run on this process alone, and a sharded node needs all of them
+        print(f"sharded run: evaluate the card on one process with `mmadapt eval {card}`")
+    elif is_labelled(recipe.data):
         report_digits(trainer.model, card, grid=None)
     return 0
 

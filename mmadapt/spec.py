@@ -43,6 +43,9 @@ class TrainConfig:
     eval_generations: int = 4  # sample generations written to the log at each evaluation
     max_new_tokens: int = 16  # generation length used by evaluation and `generate`
     gradient_checkpointing: bool = False  # recompute frozen LLM layers in backward: less activation memory, ~1/3 more LM compute
+    # Frozen nodes to shard over the processes with FSDP2, e.g. [llm]: each process holds 1/N of their weights, for
+    # generators that do not fit one device. Bridges stay whole on every process. Ignored on one process.
+    shard_frozen: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +131,9 @@ def _accepts(annotation: Any, value: Any) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if annotation is str:
         return isinstance(value, str), value
+    if typing.get_origin(annotation) is list:
+        item = typing.get_args(annotation)[0]
+        return isinstance(value, list) and all(_accepts(item, v)[0] for v in value), value
     return True, value
 
 
@@ -147,7 +153,7 @@ def parse_train_config(raw: Any, where: str = "train") -> tuple[TrainConfig, lis
             continue
         ok, converted = _accepts(hints[key], value)
         if not ok:
-            problems.append(Problem(where, key, f"expected {hints[key].__name__}, got {value!r}"))
+            problems.append(Problem(where, key, f"expected {hints[key].__name__ if isinstance(hints[key], type) else hints[key]}, got {value!r}"))
             continue
         values[key] = converted
     config = TrainConfig(**values)

@@ -23,6 +23,7 @@ from mmadapt.decoders.causal_lm import IGNORE_INDEX
 from mmadapt.errors import DataError, TrainingError
 from mmadapt.graph import Plan
 from mmadapt.model import AssembledModel
+from mmadapt.sharding import average_gradients, shard_frozen_nodes
 from mmadapt.spec import Recipe
 
 log = logging.getLogger("mmadapt.train")
@@ -132,6 +133,8 @@ class Trainer:
         set_seed(self.cfg.seed)
         self.out_dir = Path(self.cfg.output_dir.format(name=recipe.name))
         self.model = assemble(recipe, plan)
+        # Before the move to the device, so a generator too big for one device never sits there whole.
+        self.sharded = shard_frozen_nodes(self.model, self.cfg.shard_frozen, self.accelerator.device) > 1
         self.model.to(self.accelerator.device)
         self.checkpointed = checkpoint_frozen_layers(self.model) if self.cfg.gradient_checkpointing else []
         if self.cfg.gradient_checkpointing and not self.checkpointed:
@@ -156,7 +159,10 @@ class Trainer:
 
         # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per process.
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, self.cfg.warmup_steps, self.cfg.steps)
-        self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        if self.sharded:  # DDP cannot wrap sharded weights; gradients are averaged by hand after backward
+            self.wrapped, self.optimizer = self.model, self.accelerator.prepare(optimizer)
+        else:
+            self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
 
@@ -252,9 +258,12 @@ class Trainer:
             for micro, batch in enumerate(micro_batches_now):
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(self.wrapped)
                 with sync:
-                    loss = self.wrapped(batch)["loss"]  # (,) mean over this micro-batch's target tokens
+                    with acc.autocast():  # the prepared (DDP) model autocasts itself; a sharded model is not prepared
+                        loss = self.wrapped(batch)["loss"]  # (,) mean over this micro-batch's target tokens
                     acc.backward(loss * (items[micro] / mean_items) / cfg.grad_accum)
                 weighted_sum += loss.detach() * items[micro]
+            if self.sharded:
+                average_gradients(list(self.model.trainable_parameters().values()))
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.trainable_parameters().values(), cfg.max_grad_norm)
             self.optimizer.step()
@@ -308,8 +317,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
-        """Validation loss over the val data, and a few generations; rank 0 only."""
-        if self.val_dataset is None or not self.is_main:
+        """Validation loss over the val data, and a few generations; rank 0 only (all ranks run a sharded model)."""
+        if self.val_dataset is None or not (self.is_main or self.sharded):
             return
         self.model.eval()
         losses, examples = [], []
@@ -325,7 +334,8 @@ class Trainer:
         self.train_mode()
         record = {"step": step, "val_loss": sum(losses) / max(1, len(self.val_dataset)), "examples": examples}
         self._log(record)
-        log.info("step %d: val_loss %.4f; e.g. %s", step, record["val_loss"], examples[:2])
+        if self.is_main:
+            log.info("step %d: val_loss %.4f; e.g. %s", step, record["val_loss"], examples[:2])
 
     def _examples(self, step: int, batch: dict[str, Any], count: int) -> list[dict[str, str]]:
         """Generations for the first `count` samples: text as is, images saved under samples/ and logged by path."""
@@ -333,6 +343,8 @@ class Trainer:
             texts = self.model.generate(batch, batch["prompts"], max_new_tokens=self.cfg.max_new_tokens)
             return [{"reference": r, "generated": g} for r, g in zip(batch["texts"][:count], texts[:count])]
         images = self.model.generate(batch, batch["texts"])[:count]
+        if not self.is_main:  # a sharded model generated here too; only rank 0 writes, but all count alike
+            return [{} for _ in images]
         folder = self.out_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         paths = []

@@ -5,7 +5,7 @@ from typing import Any
 
 from mmadapt.errors import MMAdaptError, Problem, RecipeError
 from mmadapt.graph import Plan, analyse, data_problems, infer_bridge_widths
-from mmadapt.nodes import Bridge, WidthUnknown
+from mmadapt.nodes import Bridge, Encoder, WidthUnknown
 from mmadapt.spec import Recipe, apply_overrides, load_yaml, parse_recipe
 
 
@@ -14,6 +14,7 @@ def check_recipe(raw: dict[str, Any], source: str) -> tuple[Recipe, Plan]:
     recipe, problems = parse_recipe(raw, source)
     plan, graph_problems = analyse(recipe.nodes)
     problems += graph_problems
+    problems += shard_problems(recipe, plan) if not graph_problems else []
     problems += data_problems(recipe.data, "data")
     if recipe.val_data is not None:
         problems += data_problems(recipe.val_data, "val_data")
@@ -25,6 +26,24 @@ def check_recipe(raw: dict[str, Any], source: str) -> tuple[Recipe, Plan]:
     if problems:
         raise RecipeError(problems, source=source)
     return recipe, plan
+
+
+def shard_problems(recipe: Recipe, plan: Plan) -> list[Problem]:
+    """train.shard_frozen names frozen base nodes of this graph, without adapters (their tensors train)."""
+    problems = []
+    for name in recipe.train.shard_frozen:
+        node = recipe.nodes.get(name)
+        if node is None:
+            problems.append(Problem("train", "shard_frozen", f"no node '{name}' in the graph; nodes: {', '.join(recipe.nodes)}"))
+        elif issubclass(plan.classes[name], Bridge) or node.trainable:
+            problems.append(Problem("train", "shard_frozen", f"node '{name}' trains; only frozen nodes are sharded"))
+        elif node.adapters:
+            problems.append(Problem("train", "shard_frozen", f"node '{name}' carries adapters, which train; only frozen "
+                                                             "nodes without adapters are sharded"))
+        elif issubclass(plan.classes[name], Encoder) and recipe.train.cache_frozen_features:
+            problems.append(Problem("train", "shard_frozen", f"encoder '{name}' would feed the feature cache, which each "
+                                                             "process fills alone; set cache_frozen_features: false"))
+    return problems
 
 
 def read_config_widths(recipe: Recipe, plan: Plan) -> tuple[dict[str, dict[str, int]], list[Problem]]:

@@ -60,13 +60,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
                *overrides(data, root / "ddp", root / "cache", GLOBAL_BATCH // 2)]
     launched = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
+    command = [*command[:command.index("train") + 2], *overrides(data, root / "sharded", root / "cache", GLOBAL_BATCH // 2),
+               "train.shard_frozen=[llm]"]
+    sharded = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
 
     from mmadapt.train import Trainer
     from mmadapt.validate import load_recipe
 
     recipe, plan = load_recipe(RECIPE, overrides(data, root / "single", root / "cache", GLOBAL_BATCH))
     Trainer(recipe, plan).train()
-    return {"root": root, "log": launched.stdout + launched.stderr}
+    return {"root": root, "log": launched.stdout + launched.stderr, "sharded_log": sharded.stdout + sharded.stderr}
 
 
 def test_ddp_loss_curve_matches_one_process_at_the_same_global_batch(runs: dict[str, object]) -> None:
@@ -80,6 +84,25 @@ def test_ddp_loss_curve_matches_one_process_at_the_same_global_batch(runs: dict[
     assert set(ours) == set(theirs)
     moved = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     assert moved < WEIGHT_TOLERANCE
+
+
+def test_sharding_the_frozen_llm_halves_its_weights_per_process_and_keeps_the_loss_curve(runs: dict[str, object]) -> None:
+    """train.shard_frozen: [llm] (FSDP2): each of 2 processes holds half the LM, and training follows one process."""
+    import re
+
+    root, log = Path(str(runs["root"])), str(runs["sharded_log"])
+    held = [(int(a), int(b)) for a, b in re.findall(r"sharded llm over 2 processes .*?holds (\d+) of its (\d+) weights", log)]
+    assert len(held) == 2, log[-3000:]  # one line per process
+    total = held[0][1]
+    assert total > 0 and held[0][0] + held[1][0] == total  # the shards partition the weights: nothing held twice
+    assert all(abs(mine - total / 2) < 0.01 * total for mine, _ in held), held  # dim-0 shards: odd rows make it uneven
+    single, sharded = step_losses(root / "single"), step_losses(root / "sharded")
+    assert len(sharded) == STEPS
+    assert max(abs(a - b) for a, b in zip(single, sharded)) < LOSS_TOLERANCE, f"single {single}\nsharded {sharded}"
+    ours, theirs = load_file(str(root / "single" / "card" / "bridge.safetensors")), load_file(str(root / "sharded" / "card" / "bridge.safetensors"))
+    assert set(ours) == set(theirs)
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < WEIGHT_TOLERANCE
+    assert log.count("card written to") == 1 and "mmadapt eval" in log
 
 
 def test_only_rank_zero_writes_the_card_and_checkpoints(runs: dict[str, object]) -> None:

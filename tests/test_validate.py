@@ -124,3 +124,33 @@ def test_cli_validate_exits_2_with_messages_and_no_traceback(tmp_path: Path) -> 
     assert result.returncode == 2 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("validate", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "file not found" in result.stderr
+
+
+def test_shard_frozen_names_frozen_nodes_only() -> None:
+    raw = tiny_recipe("qformer")
+    raw["train"]["shard_frozen"] = ["llm", "qformer", "lmm"]
+    raw["graph"]["llm"]["adapters"] = [{"type": "lora", "r": 4}]
+    problems = problems_of(raw)
+    assert "train.shard_frozen: node 'llm' carries adapters, which train; only frozen nodes without adapters are sharded" in problems
+    assert "train.shard_frozen: node 'qformer' trains; only frozen nodes are sharded" in problems
+    assert "train.shard_frozen: no node 'lmm' in the graph; nodes: vision, qformer, llm" in problems
+    raw = tiny_recipe("qformer", cache_frozen_features=True)
+    raw["train"]["shard_frozen"] = "vision"
+    assert problems_of(raw) == ["train.shard_frozen: expected list[str], got 'vision'"]
+    raw["train"]["shard_frozen"] = ["vision"]
+    assert problems_of(raw) == ["train.shard_frozen: encoder 'vision' would feed the feature cache, which each process "
+                                "fills alone; set cache_frozen_features: false"]
+    raw["train"]["shard_frozen"], raw["train"]["cache_frozen_features"] = ["vision", "llm"], False
+    recipe, _ = check_recipe(raw, "good.yaml")
+    assert recipe.train.shard_frozen == ["vision", "llm"]
+
+
+def test_shard_frozen_on_one_process_keeps_the_whole_lm(tmp_path: Path) -> None:
+    from mmadapt.train import Trainer
+
+    raw = tiny_recipe("qformer", output_dir=str(tmp_path / "run"))
+    raw["train"]["shard_frozen"] = ["llm"]
+    trainer = Trainer(*check_recipe(raw, "good.yaml"))
+    assert not trainer.sharded and trainer.wrapped is not None
+    weights = next(trainer.model.nodes["llm"].parameters())
+    assert type(weights).__name__ == "Parameter"  # not a DTensor: one process keeps the whole LM
