@@ -98,6 +98,7 @@ class FSDDCaptions(Dataset):
         # name; train_all draws from train), the picture a diffusion decoder learns to draw for it. AudioToken pairs
         # a clip with a frame of its own video; FSDD has no pictures, so the digit is what the two share.
         paired_image: str | None = None,
+        spelled_text: str | None = None,  # e.g. "a handwritten {word}" ({word}, {number}): what a diffusion decoder's text_alignment aims at
     ) -> None:
         if split not in SPLIT_INDICES:
             raise DataError(f"FSDD split '{split}' unknown; splits: {', '.join(SPLIT_INDICES)}")
@@ -116,7 +117,7 @@ class FSDDCaptions(Dataset):
         kept = [r for r in every if r[3] in SPLIT_INDICES[split] and (speakers is None or r[2] in speakers)]
         kept.sort(key=lambda r: (r[3], r[2], r[1]))  # interleaved, so a limit still covers every digit and speaker
         self.rows = kept[:limit]
-        self.style, self.template, self.prompt, self.text = style, template, prompt, text
+        self.style, self.template, self.prompt, self.text, self.spelled_text = style, template, prompt, text, spelled_text
         self.rng = random.Random()  # reseeded from the global RNG state each draw so resume repeats it
 
     def __len__(self) -> int:
@@ -143,6 +144,8 @@ class FSDDCaptions(Dataset):
         prompt, target = format_sample(self.template, text, self.prompt)
         sample = {"audio": path, "prompt": prompt, "target": target, "text": text, "key": audio_key(path),
                   "id": position, "label": label, "speaker": speaker}
+        if self.spelled_text is not None:
+            sample["spelled_text"] = self.spelled_text.format(word=WORDS[label], number=label)
         if self.paired_scans is not None:
             sample["image"] = digit_image(self.rng.choice(self.paired_scans[label]))
         return sample

@@ -102,6 +102,33 @@ def test_a_placeholder_filled_with_a_words_embedding_equals_writing_the_word(sd_
     assert (different - written).abs().max() > 1e-2
 
 
+def test_text_alignment_is_zero_exactly_when_the_token_is_the_spelled_word(sd_folder: Path, tmp_path: Path) -> None:
+    """text_alignment pulls the prompt's text states toward the spelled prompt's; its minimum is the word itself."""
+    model = build_from(recipe_for(tmp_path, sd_folder, adapter=None), "graph.sd.text_alignment=0.5")
+    decoder = model.decoder
+    rows = [("a handwritten <sks>", torch.zeros(3, 16, 16), 1.0, False, "a handwritten seven")] * 2
+    batch = decoder.collate(rows)
+    table = decoder.text_encoder.get_input_embeddings().weight
+    seven = table[decoder.tokenizer("seven", add_special_tokens=False).input_ids[0]].detach()
+    losses = {}
+    for name, token in {"word": seven, "other": table[decoder.tokenizer("two", add_special_tokens=False).input_ids[0]].detach()}.items():
+        token_embeds = token.expand(2, 1, -1).clone().requires_grad_(True)  # (B, 1, D), as a bridge's output
+        out = decoder(batch["input_ids"], pixel_values=batch["pixel_values"], spelled_ids=batch["spelled_ids"], token_embeds=token_embeds)
+        out["loss"].backward()
+        losses[name] = (out["alignment_loss"].item(), token_embeds.grad.abs().max().item())
+        torch.testing.assert_close(out["loss"], out["per_sample_loss"].mean() + 0.5 * out["alignment_loss"])
+    assert losses["word"][0] < 1e-10 and losses["other"][0] > 1e-3, losses
+    with torch.no_grad():  # evaluation: the diffusion loss alone, comparable with runs without alignment
+        assert "alignment_loss" not in decoder(batch["input_ids"], pixel_values=batch["pixel_values"],
+                                               spelled_ids=batch["spelled_ids"], token_embeds=seven.expand(2, 1, -1))
+    with pytest.raises(MMAdaptError, match=r"spelled_text 'a handwritten seven digit' has \d+ tokens and its prompt 'a handwritten <sks>' has \d+"):
+        decoder.collate([("a handwritten <sks>", torch.zeros(3, 16, 16), 1.0, False, "a handwritten seven digit")])
+    unspelled = decoder.collate([("a handwritten <sks>", torch.zeros(3, 16, 16), 1.0, False, None)])
+    assert unspelled["spelled_ids"] is None  # generating from a card trained this way needs no spelled text...
+    with pytest.raises(MMAdaptError, match="the data gives no spelled_text"):  # ...training does
+        decoder(unspelled["input_ids"], pixel_values=unspelled["pixel_values"], token_embeds=token_embeds[:1])
+
+
 def test_context_tokens_are_appended_to_the_cross_attention_states(sd_folder: Path, tmp_path: Path) -> None:
     model = build_from(recipe_for(tmp_path, sd_folder, token=False, adapter=None, context=True))
     decoder = model.decoder

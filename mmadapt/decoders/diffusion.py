@@ -56,7 +56,7 @@ class DiffusionDecoder(Decoder):
     """
 
     default_inputs = {"input_ids": "data.input_ids", "pixel_values": "data.pixel_values", "loss_weight": "data.loss_weight",
-                      "prior": "data.prior"}
+                      "prior": "data.prior", "spelled_ids": "data.spelled_ids"}
     adapter_target = "unet"
     output = "image"
     adapter_modules = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
@@ -70,6 +70,10 @@ class DiffusionDecoder(Decoder):
         snr_gamma: float | None = None,  # min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value
         resolution: int | None = None,  # training image size; defaults to the U-Net's sample size times the VAE factor
         dtype: str = "float32",  # weights dtype of the frozen parts
+        # Weight of a second loss: the text encoder's states for the prompt with the bridge's token(s) are pulled toward
+        # its states for the sample's `spelled_text` (the same prompt with words where the placeholder is). The diffusion
+        # loss reaches a token bridge only through a noisy U-Net residual; this is a direct signal. 0: diffusion loss alone.
+        text_alignment: float = 0.0,
     ) -> None:
         super().__init__()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -79,6 +83,9 @@ class DiffusionDecoder(Decoder):
             raise MMAdaptError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if placeholder_vectors < 1:
             raise MMAdaptError(f"placeholder_vectors must be at least 1, got {placeholder_vectors}")
+        if text_alignment < 0:
+            raise MMAdaptError(f"text_alignment must be 0 or more, got {text_alignment}")
+        self.text_alignment = text_alignment
         self.source = checkpoint
         folder = resolve_checkpoint(checkpoint)
         try:
@@ -157,8 +164,9 @@ class DiffusionDecoder(Decoder):
         return self.tokenizer(expanded, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
                               return_tensors="pt").input_ids
 
-    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[str, torch.Tensor | None, float, bool]:
-        """(prompt, target pixels, loss weight, is a class image); the sample's text is the prompt, its image the target.
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[str, torch.Tensor | None, float, bool, str | None]:
+        """(prompt, target pixels, loss weight, is a class image, spelled text); the sample's text is the prompt, its
+        image the target, its `spelled_text` (if any) what text_alignment pulls the prompt's states toward.
 
         A sample without an image (one to draw from, e.g. a recording) has no target; training on it is refused in forward.
         """
@@ -166,17 +174,33 @@ class DiffusionDecoder(Decoder):
 
         pixels = self.preprocess_image(open_image(sample["image"])) if "image" in sample else None
         return (sample["text"], pixels, float(sample.get("loss_weight", 1.0)),
-                bool(sample.get("prior", False)))
+                bool(sample.get("prior", False)), sample.get("spelled_text"))
 
-    def collate(self, rows: list[tuple[str, torch.Tensor | None, float, bool]]) -> dict[str, torch.Tensor | None]:
-        """Prompt ids (B, L), target pixels (B, 3, H, W), per-sample loss weights (B,) and class-image flags (B,)."""
+    def collate(self, rows: list[tuple[str, torch.Tensor | None, float, bool, str | None]]) -> dict[str, torch.Tensor | None]:
+        """Prompt ids (B, L), target pixels (B, 3, H, W), per-sample loss weights (B,), class-image flags (B,), and the
+        spelled prompts' ids (B, L) when every sample has one."""
         pictures = [r[1] for r in rows]
         if any(p is None for p in pictures) and not all(p is None for p in pictures):
             raise MMAdaptError("some samples of a batch carry a target picture and some do not; the diffusion decoder "
                                "needs one for every sample it trains on")
-        batch = {"input_ids": self.tokenize([r[0] for r in rows]), "pixel_values": None if pictures[0] is None else torch.stack(pictures),
-                "loss_weight": torch.tensor([r[2] for r in rows]), "prior": torch.tensor([r[3] for r in rows])}
+        input_ids = self.tokenize([r[0] for r in rows])
+        batch = {"input_ids": input_ids, "pixel_values": None if pictures[0] is None else torch.stack(pictures),
+                 "loss_weight": torch.tensor([r[2] for r in rows]), "prior": torch.tensor([r[3] for r in rows]),
+                 "spelled_ids": self.spelled_ids(rows, input_ids) if self.text_alignment > 0 and rows[0][4] is not None else None}
         return batch  # pixel_values None: pictures to draw from, not to train on (forward says so)
+
+    def spelled_ids(self, rows: list[tuple[str, torch.Tensor | None, float, bool, str | None]], input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids of each sample's spelled text, checked to line up token by token with its prompt's."""
+        spelled = [r[4] for r in rows]
+        if any(s is None for s in spelled):
+            raise MMAdaptError("text_alignment: some samples of a batch have a spelled_text and some do not")
+        ids = self.tokenize(spelled)
+        lengths, spelled_lengths = (input_ids != self.pad_id).sum(1), (ids != self.pad_id).sum(1)
+        for prompt, text, n, m in zip((r[0] for r in rows), spelled, lengths.tolist(), spelled_lengths.tolist()):
+            if n != m:  # the states are compared position by position, so the word must take the placeholder's tokens
+                raise MMAdaptError(f"spelled_text '{text}' has {m} tokens and its prompt '{prompt}' has {n}; text_alignment "
+                                   f"compares them position by position, so spell the placeholder with {self.placeholder_vectors} token(s)")
+        return ids
 
     # --- conditioning ---
     def encode_text(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None,
@@ -220,6 +244,7 @@ class DiffusionDecoder(Decoder):
         prior: torch.Tensor | None = None,  # (B,) True for prior-preservation (class) images
         token_embeds: torch.Tensor | None = None,  # (B, K, D_text) from a token bridge
         context: torch.Tensor | None = None,  # (B, M, D_cross) from a context bridge
+        spelled_ids: torch.Tensor | None = None,  # (B, L) the prompts with words in place of the placeholder
     ) -> dict[str, torch.Tensor]:
         if latents is None:
             if pixel_values is None:
@@ -239,7 +264,21 @@ class DiffusionDecoder(Decoder):
             per_sample = per_sample * self.min_snr_weights(timesteps, kind)
         if loss_weight is not None:
             per_sample = per_sample * loss_weight.to(per_sample)
-        return {"loss": per_sample.mean(), "per_sample_loss": per_sample.detach()}
+        result = {"loss": per_sample.mean(), "per_sample_loss": per_sample.detach()}
+        if self.text_alignment > 0 and token_embeds is not None and token_embeds.requires_grad:  # training only: eval losses stay comparable
+            alignment = self.alignment_loss(states[:, :input_ids.shape[1]], spelled_ids)
+            result.update(loss=result["loss"] + self.text_alignment * alignment, alignment_loss=alignment.detach())
+        return result
+
+    def alignment_loss(self, states: torch.Tensor, spelled_ids: torch.Tensor | None) -> torch.Tensor:
+        """Mean squared distance between the prompt's text states (B, L, D) and the spelled prompt's, all positions
+        (the U-Net attends to every one, padding included)."""
+        if spelled_ids is None:  # generation and evaluation need none; training with text_alignment does
+            raise MMAdaptError("text_alignment is set on the diffusion decoder, but the data gives no spelled_text (the "
+                               "prompt with words in place of the placeholder; for fsdd_captions: spelled_text: \"a handwritten {word}\")")
+        with torch.no_grad():
+            target = self.text_encoder(spelled_ids.to(self.text_encoder.device)).last_hidden_state  # (B, L, D)
+        return F.mse_loss(states.float(), target.float())
 
     def min_snr_weights(self, timesteps: torch.Tensor, kind: str) -> torch.Tensor:
         """min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets."""
