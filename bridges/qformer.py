@@ -32,6 +32,9 @@ class QFormer(Bridge):
         cross_attention_every: int = 2,  # BLIP-2 cross-attends in every 2nd layer
         dropout: float = 0.1,  # BLIP-2's attention and hidden dropout; tiny bridges learn faster without
         init_from: str | None = None,  # folder or hub id of a BLIP-2 checkpoint to start from
+        # N: learned position embeddings added to the N encoder tokens before cross-attention (as Video-LLaMA adds frame
+        # positions), for encoders whose tokens carry little of their order. Not a BLIP-2 tensor: init_from leaves it new.
+        context_positions: int | None = None,
     ) -> None:
         super().__init__()
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
@@ -50,6 +53,9 @@ class QFormer(Bridge):
         self.query_tokens = nn.Parameter(torch.randn(1, num_queries, hidden_size) * 0.02)  # zeros would stall layer 1
         self.qformer = Blip2QFormerModel(config)
         self.language_projection = nn.Linear(hidden_size, out_dim)
+        self.context_positions = context_positions
+        if context_positions is not None:
+            self.context_position_embeds = nn.Parameter(torch.zeros(1, context_positions, in_dim))  # zeros: starts as BLIP-2
         if init_from is not None:
             self.load_blip2(init_from)
 
@@ -58,13 +64,17 @@ class QFormer(Bridge):
         tensors = load_prefixed_tensors(source, BLIP2_PREFIXES)
         own = self.state_dict()
         wrong = [f"{k}: checkpoint {tuple(v.shape)} vs bridge {tuple(own[k].shape)}" for k, v in tensors.items() if k in own and own[k].shape != v.shape]
-        missing = sorted(set(own) - set(tensors))
+        missing = sorted(set(own) - set(tensors) - {"context_position_embeds"})
         if wrong or missing:
             detail = "; ".join(wrong[:3] + [f"missing {m}" for m in missing[:3]])
             raise MMAdaptError(f"init_from '{source}' does not fit this Q-Former ({detail}); match its sizes in the recipe")
-        self.load_state_dict({k: v for k, v in tensors.items() if k in own})
+        self.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)  # missing keys were checked above
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
+        if self.context_positions is not None:
+            if context.shape[1] != self.context_positions:
+                raise MMAdaptError(f"qformer: context_positions is {self.context_positions}, but the encoder gave {context.shape[1]} tokens")
+            context = context + self.context_position_embeds.to(context.dtype)  # (B, N, in_dim)
         queries = self.query_tokens.expand(context.shape[0], -1, -1)  # (B, Q, H)
         mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)  # (B, N)
         hidden = self.qformer(query_embeds=queries, encoder_hidden_states=context, encoder_attention_mask=mask).last_hidden_state

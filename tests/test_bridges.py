@@ -84,3 +84,27 @@ def test_card_round_trip(assembled: tuple[str, object], tmp_path) -> None:
     batch = batch_for(model)
     with torch.no_grad():
         assert torch.allclose(model(batch)["loss"], reloaded(batch)["loss"], atol=1e-6)
+
+
+def test_token_embedder_pools_without_order_or_reads_the_grid_with_it() -> None:
+    """Attention pooling is blind to token order; input_tokens reads the flattened grid, so order changes the word."""
+    from bridges.token import TokenEmbedder
+    from mmadapt.errors import MMAdaptError
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 16)  # (B, N, in_dim)
+    shuffled = x[:, torch.randperm(6)]
+    pooled, grid = TokenEmbedder(16, 8, num_tokens=2, pool_queries=4), TokenEmbedder(16, 8, num_tokens=2, input_tokens=6)
+    for bridge in (pooled, grid):
+        torch.nn.init.normal_(bridge.mlp[-1].weight)  # the small init would hide differences
+        assert bridge(x).shape == (3, 2, 8)
+    torch.testing.assert_close(pooled(shuffled), pooled(x))
+    assert (grid(shuffled) - grid(x)).abs().max() > 1e-3
+    with pytest.raises(MMAdaptError, match="input_tokens is 6, but the encoder gave 5 tokens"):
+        grid(x[:, :5])
+    with pytest.raises(MMAdaptError, match="not both"):
+        TokenEmbedder(16, 8, pool_queries=4, input_tokens=6)
+    legacy = TokenEmbedder(16, 8)  # the default keeps the tensors of cards trained before these options
+    assert {k: tuple(v.shape) for k, v in legacy.state_dict().items()} == {
+        "pool_query": (1, 16), "norm.weight": (16,), "norm.bias": (16,), "mlp.0.weight": (16, 16), "mlp.0.bias": (16,),
+        "mlp.2.weight": (8, 16), "mlp.2.bias": (8,)}

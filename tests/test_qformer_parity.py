@@ -67,3 +67,20 @@ def test_init_from_with_wrong_sizes_says_what_differs(blip2: torch.nn.Module, tm
     with pytest.raises(MMAdaptError, match=r"does not fit this Q-Former.*query_tokens: checkpoint \(1, 6, 32\) vs bridge \(1, 8, 32\)"):
         QFormer(in_dim=40, out_dim=24, num_queries=8, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                 cross_attention_every=2, init_from=str(tmp_path / "blip2"))
+
+
+def test_context_positions_start_as_blip2_and_then_make_token_order_count(blip2: torch.nn.Module, tmp_path: Path) -> None:
+    """context_positions adds learned position embeddings to the encoder tokens: zero at init (BLIP-2's output, and
+    init_from still loads), and once trained the Q-Former tells a shuffled clip from the original."""
+    blip2.save_pretrained(tmp_path / "blip2")
+    plain = bridge_like(blip2, init_from=str(tmp_path / "blip2"))
+    positioned = bridge_like(blip2, init_from=str(tmp_path / "blip2"), context_positions=17)
+    context = torch.randn(2, 17, 40)
+    shuffled = context[:, torch.randperm(17)]
+    with torch.no_grad():
+        torch.testing.assert_close(positioned(context=context), plain(context=context))
+        torch.testing.assert_close(plain(context=shuffled), plain(context=context), atol=2e-6, rtol=0)  # order-blind
+        positioned.context_position_embeds.normal_(std=30.0)  # as after training; large, as the random init attends almost evenly
+        assert (positioned(context=shuffled) - positioned(context=context)).abs().max() > 1e-4  # 50x the order-blind gap
+    with pytest.raises(MMAdaptError, match="context_positions is 17, but the encoder gave 16 tokens"):
+        positioned(context=context[:, :16])
