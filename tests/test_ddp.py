@@ -61,7 +61,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     launched = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     command = [*command[:command.index("train") + 2], *overrides(data, root / "sharded", root / "cache", GLOBAL_BATCH // 2),
-               "train.shard_frozen=[llm]"]
+               "train.shard_frozen=[llm]",  # and a validation pass at the end, which every process of a sharded LM runs
+               "val_data={type: digits_captions, split: val, limit: 8, template: instruction, prompt: 'What does it show?'}"]
     sharded = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
 
@@ -103,6 +104,9 @@ def test_sharding_the_frozen_llm_halves_its_weights_per_process_and_keeps_the_lo
     assert set(ours) == set(theirs)
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < WEIGHT_TOLERANCE
     assert log.count("card written to") == 1 and "mmadapt eval" in log
+    assert log.count(": val_loss ") == 1  # both processes ran the pass (or the gathers would hang); rank 0 reported it
+    validation = [json.loads(line) for line in (root / "sharded" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert len(validation) == 1 and len(validation[0]["examples"]) == 4 and all(e["generated"] for e in validation[0]["examples"])
 
 
 def test_only_rank_zero_writes_the_card_and_checkpoints(runs: dict[str, object]) -> None:
