@@ -163,6 +163,29 @@ def test_bad_images_are_skipped_and_counted_or_fail_fast(tmp_path: Path) -> None
         trainer_for(raw).train()
 
 
+def test_a_batch_of_images_is_preprocessed_in_one_call_equal_to_one_at_a_time(tmp_path: Path) -> None:
+    """The collator hands an image encoder the whole batch (one image-processor call); each tensor is bit-identical
+    to preprocessing its image alone, and a bad file still fails alone, in its place."""
+    import numpy as np
+
+    from conftest import build
+
+    model = build(tiny_recipe("qformer"))
+    encoder = model.nodes["vision"]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20 + 4 * i, 24, 3), dtype=np.uint8)) for i in range(4)]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    calls = []
+    processor = encoder.processor
+    encoder.processor = lambda **kwargs: calls.append(len(kwargs["images"])) or processor(**kwargs)
+    results = encoder.preprocess_batch([images[0], images[1], tmp_path / "bad.png", images[2], images[3]])
+    encoder.processor = processor
+    assert calls == [4]  # the four good images, in one call
+    assert isinstance(results[2], DataError) and "bad.png: not a readable image" in str(results[2])
+    for image, tensor in zip(images, results[:2] + results[3:]):
+        assert torch.equal(tensor, encoder.preprocess(image))
+
+
 def test_malformed_data_file_names_file_and_line(tmp_path: Path) -> None:
     from mmadapt.data import ImageCaptionDataset
 

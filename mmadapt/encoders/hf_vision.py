@@ -99,6 +99,10 @@ class HFVisionTower(ImageEncoder):
         self.processor = processor
         return lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def transform_images(self, images: list[Any]) -> list[torch.Tensor]:
+        # One processor call per batch: each call pays ~0.6 ms of argument validation, as much as a 32 px image's work.
+        return list(self.processor(images=images, return_tensors="pt")["pixel_values"].unbind(0))
+
     def transform_description(self) -> str:
         return repr(sorted(self.processor.to_dict().items()))
 

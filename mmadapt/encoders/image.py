@@ -43,6 +43,23 @@ class ImageEncoder(Encoder):
         assert self.transform is not None
         return self.transform(open_image(sample))  # (3, H, W)
 
+    def preprocess_batch(self, samples: list[Any]) -> list[torch.Tensor | DataError]:
+        """Each sample opened on its own (a bad file fails alone, as its DataError), the good ones transformed together."""
+        opened: list[Image.Image | DataError] = []
+        for sample in samples:
+            try:
+                opened.append(open_image(sample))
+            except DataError as exc:
+                opened.append(exc)
+        good = [image for image in opened if isinstance(image, Image.Image)]
+        tensors = iter(self.transform_images(good) if good else [])
+        return [item if isinstance(item, DataError) else next(tensors) for item in opened]
+
+    def transform_images(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """(3, H, W) per image; a transform that takes a list (an image processor) overrides this with one call."""
+        assert self.transform is not None
+        return [self.transform(image) for image in images]
+
     def transform_description(self) -> str:
         return repr(self.transform)
 
