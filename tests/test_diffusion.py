@@ -106,21 +106,21 @@ def test_text_alignment_is_zero_exactly_when_the_token_is_the_spelled_word(sd_fo
     """text_alignment pulls the prompt's text states toward the spelled prompt's; its minimum is the word itself."""
     model = build_from(recipe_for(tmp_path, sd_folder, adapter=None), "graph.sd.text_alignment=0.5")
     decoder = model.decoder
-    rows = [("a handwritten <sks>", torch.zeros(3, 16, 16), 1.0, False, "a handwritten seven")] * 2
+    rows = [("a handwritten <sks>", torch.zeros(3, 16, 16), 1.0, False, f"a handwritten {word}") for word in ("seven", "two")]
     batch = decoder.collate(rows)
     table = decoder.text_encoder.get_input_embeddings().weight
-    seven = table[decoder.tokenizer("seven", add_special_tokens=False).input_ids[0]].detach()
+    seven, two = (table[decoder.tokenizer(w, add_special_tokens=False).input_ids[0]].detach() for w in ("seven", "two"))
     losses = {}
-    for name, token in {"word": seven, "other": table[decoder.tokenizer("two", add_special_tokens=False).input_ids[0]].detach()}.items():
-        token_embeds = token.expand(2, 1, -1).clone().requires_grad_(True)  # (B, 1, D), as a bridge's output
+    for name, words in {"word": (seven, two), "other": (two, seven)}.items():
+        token_embeds = torch.stack(words)[:, None].clone().requires_grad_(True)  # (B, 1, D), as a bridge's output
         out = decoder(batch["input_ids"], pixel_values=batch["pixel_values"], spelled_ids=batch["spelled_ids"], token_embeds=token_embeds)
         out["loss"].backward()
         losses[name] = (out["alignment_loss"].item(), token_embeds.grad.abs().max().item())
         torch.testing.assert_close(out["loss"], out["per_sample_loss"].mean() + 0.5 * out["alignment_loss"])
-    assert losses["word"][0] < 1e-10 and losses["other"][0] > 1e-3, losses
+    assert losses["word"][0] < 1e-10 and losses["other"][0] > 1e-3 and losses["other"][1] > 0, losses  # and it reaches the token
     with torch.no_grad():  # evaluation: the diffusion loss alone, comparable with runs without alignment
         assert "alignment_loss" not in decoder(batch["input_ids"], pixel_values=batch["pixel_values"],
-                                               spelled_ids=batch["spelled_ids"], token_embeds=seven.expand(2, 1, -1))
+                                               spelled_ids=batch["spelled_ids"], token_embeds=torch.stack([seven, two])[:, None])
     with pytest.raises(MMAdaptError, match=r"spelled_text 'a handwritten seven digit' has \d+ tokens and its prompt 'a handwritten <sks>' has \d+"):
         decoder.collate([("a handwritten <sks>", torch.zeros(3, 16, 16), 1.0, False, "a handwritten seven digit")])
     unspelled = decoder.collate([("a handwritten <sks>", torch.zeros(3, 16, 16), 1.0, False, None)])
