@@ -264,3 +264,18 @@ def test_dreambooth_data_needs_three_images_and_makes_class_images_once(sd_folde
     assert {data[i]["prompt"] for i in range(4, 8)} == {"a digit"}
     (tmp_path / "three" / "slanted-zero.txt").unlink()
     assert "a <sks> digit" in {data[i]["prompt"] for i in range(4)}  # no caption file: the folder's prompt
+
+
+def test_picture_examples_count_alike_on_every_process_and_only_rank_zero_writes(sd_folder: Path, tmp_path: Path) -> None:
+    """A sharded model's validation runs on every process; each must count examples alike (or the others would keep
+    generating while rank 0 stops, and the gathers would hang), and only rank 0 writes the pictures."""
+    from mmadapt.train import Trainer
+
+    recipe, plan = load_recipe(recipe_for(tmp_path, sd_folder, adapter=None), [])
+    trainer = Trainer(recipe, plan)
+    batch = trainer.collator([trainer.dataset[i] for i in range(2)])
+    main = trainer._examples(1, batch, 2)
+    assert len(main) == 2 and all(Path(e["generated"]).is_file() for e in main)
+    trainer.__class__ = type("OtherRank", (Trainer,), {"is_main": property(lambda self: False)})
+    other = trainer._examples(2, batch, 2)
+    assert len(other) == len(main) and not list((trainer.out_dir / "samples").glob("step-0000002-*"))
