@@ -107,6 +107,11 @@ class FSDDCaptions(Dataset):
         format_sample(template, "", "")
         if paired_image not in (None, "digits"):
             raise DataError(f"paired_image must be 'digits' or left out, got {paired_image!r}")
+        if spelled_text is not None:
+            try:  # now, not at the first sample: a misspelt field would otherwise stop training with a KeyError
+                spelled_text.format(word="zero", number=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise DataError(f"spelled_text '{spelled_text}' may name only {{word}} and {{number}} ({type(exc).__name__}: {exc})") from None
         self.paired_scans = scans_by_digit("train" if split == "train_all" else split) if paired_image else None
         self.root = fsdd_root(root)
         every = recordings(self.root)

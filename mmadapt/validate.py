@@ -30,7 +30,7 @@ def check_recipe(raw: dict[str, Any], source: str) -> tuple[Recipe, Plan]:
 
 def shard_problems(recipe: Recipe, plan: Plan) -> list[Problem]:
     """train.shard_frozen names frozen base nodes of this graph, without adapters (their tensors train)."""
-    problems = []
+    problems: list[Problem] = []
     for name in recipe.train.shard_frozen:
         node = recipe.nodes.get(name)
         if node is None:

@@ -10,6 +10,7 @@ import soundfile
 import torch
 
 from conftest import TINY_LMS, bad_files_are_skipped_then_fail_fast, build
+from mmadapt.digits import WORDS
 from mmadapt.encoders.audio import AudioRules, read_audio
 from mmadapt.encoders.audiomae import AudioMAE, map_official_state_dict
 from mmadapt.errors import DataError, MMAdaptError
@@ -260,6 +261,17 @@ def test_paired_images_are_scans_of_the_spoken_digit_from_the_matching_split() -
     assert "image" not in FSDDCaptions(split="test", limit=1)[0]
     with pytest.raises(DataError, match="paired_image must be 'digits'"):
         FSDDCaptions(paired_image="photos")
+
+
+@needs_fsdd
+def test_spelled_text_names_the_spoken_digit_and_a_misspelt_field_is_refused_at_once() -> None:
+    data = FSDDCaptions(split="test", text="a handwritten <*>", spelled_text="a handwritten {word} ({number})", limit=20)
+    samples = [data[i] for i in range(len(data))]
+    assert len({s["label"] for s in samples}) > 1
+    assert all(s["spelled_text"] == f"a handwritten {WORDS[s['label']]} ({s['label']})" for s in samples)
+    assert all(s["text"] == "a handwritten <*>" for s in samples)
+    with pytest.raises(DataError, match=r"spelled_text 'a handwritten \{wrod\}' may name only \{word\} and \{number\}"):
+        FSDDCaptions(split="test", spelled_text="a handwritten {wrod}")
 
 
 @needs_fsdd
