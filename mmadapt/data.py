@@ -122,19 +122,6 @@ class Collator:
         self.cache = cache  # a FeatureCache; its nodes' inputs are read from disk instead of preprocessed
         self.bad_samples: list[str] = []
 
-    @staticmethod
-    def _preprocess(node: Any, inputs: list[Any]) -> list[torch.Tensor | DataError]:
-        """The node's inputs, in one batched call where it has one; a bad input comes back as its DataError."""
-        if hasattr(node, "preprocess_batch"):
-            return node.preprocess_batch(inputs)
-        results: list[torch.Tensor | DataError] = []
-        for value in inputs:
-            try:
-                results.append(node.preprocess(value))
-            except DataError as exc:
-                results.append(exc)
-        return results
-
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any] | None:
         prepared: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         bad: set[int] = set()
@@ -155,7 +142,7 @@ class Collator:
                     raise MMAdaptError(f"graph.{name}.inputs.{port}: the data has no field '{field}'; it has: {', '.join(sorted(sample))}")
                 carrying.append(sample)
             values: dict[int, torch.Tensor] = {}
-            for sample, value in zip(carrying, self._preprocess(node, [s[field] for s in carrying])):
+            for sample, value in zip(carrying, node.preprocess_batch([s[field] for s in carrying])):
                 if isinstance(value, DataError):
                     self._skip(value)
                     bad.add(sample["id"])

@@ -6,6 +6,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mmadapt.errors import DataError
+
 
 class WidthUnknown(Exception):
     """A base model's config cannot be read without loading (e.g. a hub id offline)."""
@@ -58,6 +60,17 @@ class Encoder(Node):
     def preprocess(self, sample: Any) -> torch.Tensor:
         """Turn one raw sample (e.g. a PIL image) into the model's input tensor."""
         raise NotImplementedError
+
+    def preprocess_batch(self, samples: list[Any]) -> list[torch.Tensor | DataError]:
+        """`preprocess` for each sample, a bad one returned as its DataError so the others go on; encoders whose
+        preprocessing is cheaper per batch (an image processor) override it."""
+        results: list[torch.Tensor | DataError] = []
+        for sample in samples:
+            try:
+                results.append(self.preprocess(sample))
+            except DataError as exc:
+                results.append(exc)
+        return results
 
     def cache_identity(self) -> dict[str, Any]:
         """Everything that changes this encoder's output for a given input: model, weights, layer, transform."""

@@ -152,6 +152,7 @@ class Trainer:
         self.cache = self._build_cache()
         self.train_collator = Collator(self.model, self.cfg.max_text_tokens, self.cfg.skip_bad_samples, cache=self.cache)
         params = list(self.model.trainable_parameters().values())
+        self.trainable = params  # the step averages (when sharded) and clips these; built once, not per step
         if not params:
             raise TrainingError("nothing to train: no bridge or adapter has trainable tensors")
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -263,9 +264,9 @@ class Trainer:
                     acc.backward(loss * (items[micro] / mean_items) / cfg.grad_accum)
                 weighted_sum += loss.detach() * items[micro]
             if self.sharded:
-                average_gradients(list(self.model.trainable_parameters().values()))
+                average_gradients(self.trainable)
             if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.model.trainable_parameters().values(), cfg.max_grad_norm)
+                acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
