@@ -346,3 +346,21 @@ def test_zoo_member_reproduces_its_recorded_linear_probe() -> None:
         "data": {"type": "fsdd_captions", "split": "train", "limit": 4}})
     assert model.plan.bridge_dims["proj"] == {"in_dim": 128, "out_dim": 128}
     assert model.nodes["audio"].describe()["source"] == "zoo:fsdd-audiomae"  # a card names the member, not this machine's path
+
+
+@pytest.mark.slow
+@needs_fsdd
+def test_audio_token_recipe_reaches_its_target(tmp_path: Path) -> None:
+    """Opt-in (`pytest -m slow`, about 6 min): the referee reads the spoken digit in at least 70% of the pictures
+    drawn for test recordings (measured 81.0%)."""
+    from conftest import REPO
+    from mmadapt.evaluate import evaluate_image_token
+    from mmadapt.spec import apply_overrides, load_yaml
+    from mmadapt.train import Trainer
+    from mmadapt.validate import check_recipe
+
+    raw = apply_overrides(load_yaml(REPO / "recipes" / "mini" / "audio-token.yaml"),
+                          [f"train.output_dir={tmp_path / 'run'}", f"train.cache_dir={tmp_path / 'cache'}"])
+    trainer = Trainer(*check_recipe(raw, "audio-token"))
+    trainer.train()
+    assert evaluate_image_token(trainer.model, limit=200)["referee_accuracy"] >= 0.70
