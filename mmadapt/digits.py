@@ -85,6 +85,21 @@ def answer_word(text: str) -> str:
     return words[-1] if words else ""
 
 
+def checked_spelled_text(spelled_text: str | None) -> str | None:
+    """A spelled-text template ({word}, {number}), tried now: a misspelt field would otherwise stop training at the first sample."""
+    if spelled_text is not None:
+        try:
+            spelled_text.format(word="zero", number=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DataError(f"spelled_text '{spelled_text}' may name only {{word}} and {{number}} ({type(exc).__name__}: {exc})") from None
+    return spelled_text
+
+
+def spell(spelled_text: str, label: int) -> str:
+    """The text a bridge's tokens stand for, for one digit: what a decoder's text_alignment pulls toward."""
+    return spelled_text.format(word=WORDS[label], number=label)
+
+
 def caption_for(label: int, style: str, rng: random.Random) -> str:
     if style == "fixed":
         return f"a handwritten {WORDS[label]}"

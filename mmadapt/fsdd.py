@@ -13,7 +13,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from mmadapt.data import format_sample
-from mmadapt.digits import WORDS, digit_image, load_digits_arrays, split_indices
+from mmadapt.digits import WORDS, checked_spelled_text, digit_image, load_digits_arrays, spell, split_indices
 from mmadapt.errors import DataError, MMAdaptError
 
 ENV_VAR = "MMADAPT_FSDD"
@@ -98,7 +98,9 @@ class FSDDCaptions(Dataset):
         # name; train_all draws from train), the picture a diffusion decoder learns to draw for it. AudioToken pairs
         # a clip with a frame of its own video; FSDD has no pictures, so the digit is what the two share.
         paired_image: str | None = None,
-        spelled_text: str | None = None,  # e.g. "a handwritten {word}" ({word}, {number}): what a diffusion decoder's text_alignment aims at
+        # What a decoder's text_alignment pulls toward ({word}, {number}): "a handwritten {word}" for a diffusion prompt's
+        # placeholder, "The picture shows a {word}." for an LM prefix (a sentence digits-lm read before its answers)
+        spelled_text: str | None = None,
     ) -> None:
         if split not in SPLIT_INDICES:
             raise DataError(f"FSDD split '{split}' unknown; splits: {', '.join(SPLIT_INDICES)}")
@@ -107,11 +109,6 @@ class FSDDCaptions(Dataset):
         format_sample(template, "", "")
         if paired_image not in (None, "digits"):
             raise DataError(f"paired_image must be 'digits' or left out, got {paired_image!r}")
-        if spelled_text is not None:
-            try:  # now, not at the first sample: a misspelt field would otherwise stop training with a KeyError
-                spelled_text.format(word="zero", number=0)
-            except (KeyError, IndexError, ValueError) as exc:
-                raise DataError(f"spelled_text '{spelled_text}' may name only {{word}} and {{number}} ({type(exc).__name__}: {exc})") from None
         self.paired_scans = scans_by_digit("train" if split == "train_all" else split) if paired_image else None
         self.root = fsdd_root(root)
         every = recordings(self.root)
@@ -122,7 +119,7 @@ class FSDDCaptions(Dataset):
         kept = [r for r in every if r[3] in SPLIT_INDICES[split] and (speakers is None or r[2] in speakers)]
         kept.sort(key=lambda r: (r[3], r[2], r[1]))  # interleaved, so a limit still covers every digit and speaker
         self.rows = kept[:limit]
-        self.style, self.template, self.prompt, self.text, self.spelled_text = style, template, prompt, text, spelled_text
+        self.style, self.template, self.prompt, self.text, self.spelled_text = style, template, prompt, text, checked_spelled_text(spelled_text)
         self.rng = random.Random()  # reseeded from the global RNG state each draw so resume repeats it
 
     def __len__(self) -> int:
@@ -150,7 +147,7 @@ class FSDDCaptions(Dataset):
         sample = {"audio": path, "prompt": prompt, "target": target, "text": text, "key": audio_key(path),
                   "id": position, "label": label, "speaker": speaker}
         if self.spelled_text is not None:
-            sample["spelled_text"] = self.spelled_text.format(word=WORDS[label], number=label)
+            sample["spelled_text"] = spell(self.spelled_text, label)
         if self.paired_scans is not None:
             sample["image"] = digit_image(self.rng.choice(self.paired_scans[label]))
         return sample

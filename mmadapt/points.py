@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmadapt.data import format_sample
-from mmadapt.digits import caption_for, load_digits_arrays, split_indices
+from mmadapt.digits import caption_for, checked_spelled_text, load_digits_arrays, spell, split_indices
 from mmadapt.errors import DataError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,6 +201,7 @@ class DigitsPoints(Dataset):
         augment: bool = True,  # a random pose per sample; false: the flat digit as drawn
         views: int = 1,  # train split only: poses per digit (views x digits samples); val/test keep one pose each, so figures compare
         seed: int = 0,  # seeds every sample's points and pose, so a sample (and its cache entry) never changes
+        spelled_text: str | None = None,  # what a decoder's text_alignment pulls toward, e.g. "The picture shows a {word}."
     ) -> None:
         if style not in ("varied", "fixed"):
             raise DataError(f"style must be varied or fixed, got {style!r}")
@@ -209,6 +210,7 @@ class DigitsPoints(Dataset):
         self.indices = split_indices(split)[:limit]
         self.style, self.template, self.prompt, self.text = style, template, prompt, text
         self.num_points, self.augment, self.seed = num_points, augment, seed
+        self.spelled_text = checked_spelled_text(spelled_text)
         self.views = views if split == "train" else 1  # more poses is training-time augmentation, not a bigger test
         format_sample(template, "", "")
         self.rng = random.Random()  # reseeded from the global RNG state each draw so resume repeats it
@@ -235,7 +237,10 @@ class DigitsPoints(Dataset):
         text = self.text if self.text is not None else caption_for(label, self.style, self.rng)
         prompt, target = format_sample(self.template, text, self.prompt)
         key = hashlib.sha1(b"digits-points" + points.tobytes()).hexdigest()
-        return {"points": points, "prompt": prompt, "target": target, "text": text, "key": key, "id": position, "label": label}
+        sample = {"points": points, "prompt": prompt, "target": target, "text": text, "key": key, "id": position, "label": label}
+        if self.spelled_text is not None:
+            sample["spelled_text"] = spell(self.spelled_text, label)
+        return sample
 
 
 class PointCaptionDataset(Dataset):

@@ -6,6 +6,7 @@ import torch
 
 from conftest import TINY_LMS
 from mmadapt.decoders.causal_lm import IGNORE_INDEX, CausalLM
+from mmadapt.errors import MMAdaptError
 
 
 @pytest.fixture(scope="module", params=list(TINY_LMS))
@@ -70,3 +71,52 @@ def test_token_distribution_prefix_is_the_expected_word_embedding() -> None:
         as_tokens = decoder.model(input_ids=ids).logits[:, -1]
         as_prefix = decoder(prefix_embeds=logits, input_ids=ids[:, 2:])["logits"][:, -1]
     assert torch.allclose(as_tokens, as_prefix, atol=1e-4)  # a one-hot prefix reads exactly as the tokens
+
+
+def aligned_batch(decoder: CausalLM, rows: list[tuple[str, str, str]]) -> dict[str, torch.Tensor | None]:
+    return decoder.collate([decoder.prepare({"prompt": p, "target": t, "spelled_text": s}, 64) for p, t, s in rows])
+
+
+def test_text_alignment_is_zero_when_the_prefix_is_the_spelled_text_and_pairs_each_row_with_its_own() -> None:
+    decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0).eval()
+    batch = aligned_batch(decoder, [("Question: odd? Answer:", " yes", "seven"), ("Q:", "a handwritten two", "three")])
+    spelled = decoder.embed(batch["spelled_ids"]).detach()  # (B, 5, D): both words take 5 byte tokens
+    plain = decoder(prefix_embeds=spelled, **batch)["loss"]  # no grad on the prefix: evaluation, caption loss alone
+    own = decoder(prefix_embeds=spelled.clone().requires_grad_(True), **batch)
+    assert own["alignment_loss"] < 1e-10 and torch.allclose(own["loss"], plain)
+    swapped = decoder(prefix_embeds=spelled.flip(0).requires_grad_(True), **batch)
+    assert swapped["alignment_loss"] > 1e-3  # the other row's word: its states differ
+    caption_loss = decoder(prefix_embeds=spelled.flip(0), **batch)["loss"]
+    assert torch.allclose(swapped["loss"], caption_loss + swapped["alignment_loss"])  # weight 1
+
+
+def test_text_alignment_over_padded_rows_equals_the_loss_worked_out_row_by_row() -> None:
+    decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0).eval()
+    rows = [("Question: odd? Answer:", " yes", "seven"), ("Q:", "a handwritten two", "a two"), ("", "x", "nine!!")]
+    batch = aligned_batch(decoder, rows)
+    prefix = torch.randn(3, 4, decoder.embed_dim, requires_grad=True)  # (B, P, D)
+    loss = decoder(prefix_embeds=prefix, **batch)["alignment_loss"]
+    errors, sizes = torch.zeros(2), torch.zeros(2)  # summed over rows, per layer
+    for row, (prompt, target, spelled) in enumerate(rows):
+        text = torch.tensor([decoder.prepare({"prompt": prompt, "target": target}, 64)[0]])  # (1, T): no padding
+        spelled_ids = torch.tensor([list(spelled.encode())]) + 3  # ByT5 ids are bytes + 3
+        with torch.no_grad():
+            own = decoder.model(inputs_embeds=torch.cat([prefix[row: row + 1], decoder.embed(text)], 1), output_hidden_states=True).hidden_states
+            wanted = decoder.model(input_ids=torch.cat([spelled_ids, text], 1), output_hidden_states=True).hidden_states
+        for layer in range(2):
+            a, b = own[layer + 1][0, 4:], wanted[layer + 1][0, spelled_ids.shape[1]:]  # the text after prefix / spelled text
+            errors[layer] += ((a - b) ** 2).sum()
+            sizes[layer] += (b ** 2).sum()
+    assert torch.allclose(loss, (errors / sizes).mean(), rtol=1e-5)
+
+
+def test_text_alignment_refuses_data_without_spelled_text_and_prompt_markers() -> None:
+    decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0).eval()
+    batch = decoder.collate([decoder.prepare({"prompt": "Q:", "target": "two"}, 64)])
+    assert batch["spelled_ids"] is None  # generation and evaluation collate without it
+    with pytest.raises(MMAdaptError, match="no spelled_text"):
+        decoder(prefix_embeds=torch.randn(1, 2, decoder.embed_dim, requires_grad=True), **batch)
+    with pytest.raises(MMAdaptError, match="some samples of a batch"):
+        decoder.collate([decoder.prepare({"prompt": "Q:", "target": "two", "spelled_text": "two"}, 64), decoder.prepare({"prompt": "Q:", "target": "x"}, 64)])
+    with pytest.raises(MMAdaptError, match="markers"):
+        CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", text_alignment=1.0, markers={"audio": "<audio>"})

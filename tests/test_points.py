@@ -295,6 +295,10 @@ def test_digits_points_samples_are_fixed_per_position_and_follow_the_digits_spli
     assert {"points", "prompt", "target", "text", "key", "id", "label"} == set(first) and DigitsPoints.digit_labels
     flat = DigitsPoints(split="test", augment=False, limit=1).cloud(0)
     assert np.abs(flat[:, 2]).max() <= 0.25 and np.abs(flat[:, :2]).max() <= 1.0  # the page, with ink depth, before any pose
+    spelled = DigitsPoints(split="test", limit=20, spelled_text="It is a {word} ({number}).")
+    assert all(s["spelled_text"] == f"It is a {WORDS[s['label']]} ({s['label']})." for s in (spelled[i] for i in range(20)))
+    with pytest.raises(DataError, match=r"spelled_text 'It is a \{wrod\}\.' may name only \{word\} and \{number\}"):
+        DigitsPoints(split="test", spelled_text="It is a {wrod}.")
 
 
 def test_zoo_member_reproduces_its_recorded_linear_probe() -> None:

@@ -19,6 +19,9 @@ IGNORE_INDEX = -100  # label value the HF loss skips: prompt, prefix and padding
 # token inside the span of real word embeddings, the region the frozen LM was trained on.
 PREFIX_KINDS = ("embeddings", "token_distribution")
 
+# (ids, labels, marker positions, spelled-text ids or None): one sample as the collator batches it
+PreparedRow = tuple[list[int], list[int], list[int], list[int] | None]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,7 +47,7 @@ class CausalLM(Decoder):
     """Sequence = [prefix embeddings][bos prompt][target eos]; the loss counts target tokens only."""
 
     default_inputs = {"input_ids": "data.input_ids", "attention_mask": "data.attention_mask", "labels": "data.labels",
-                      "marker_positions": "data.marker_positions"}
+                      "marker_positions": "data.marker_positions", "spelled_ids": "data.spelled_ids", "spelled_mask": "data.spelled_mask"}
 
     def __init__(
         self,
@@ -57,6 +60,10 @@ class CausalLM(Decoder):
         prefix_after_bos: bool = False,  # [bos][prefix][text] (LLaVA) instead of [prefix][bos][text] (BLIP-2)
         prefix_as: str = "embeddings",  # or "token_distribution": the bridge emits vocabulary logits per token
         markers: dict[str, str] | None = None,  # bridge node -> the prompt text its tokens replace, e.g. {audio_bridge: "<audio>"}
+        # Weight of a second training loss: the LM's hidden states over the prompt and target, read after the bridge's
+        # tokens, are pulled toward its states after the sample's `spelled_text` (a sentence naming what the tokens stand
+        # for, e.g. "The picture shows a seven.") in their place. A dense signal where the caption loss gives one word.
+        text_alignment: float = 0.0,
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
@@ -76,6 +83,11 @@ class CausalLM(Decoder):
         self._marker_source = by_text
         # Longest first, so "<image2>" is not read as "<image>" followed by "2>".
         self._marker_pattern = re.compile("|".join(re.escape(t) for t in sorted(by_text, key=len, reverse=True))) if by_text else None
+        if text_alignment < 0:
+            raise MMAdaptError(f"text_alignment must be 0 or more, got {text_alignment}")
+        if text_alignment > 0 and self.markers:
+            raise MMAdaptError("text_alignment needs the bridge's tokens in one place; it does not combine with markers")
+        self.text_alignment = text_alignment
         self.config = read_config(checkpoint, config)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -140,26 +152,41 @@ class CausalLM(Decoder):
         """bos (when the tokenizer has one) + prompt, with no eos."""
         return self.encode_marked(prompt)[0]
 
-    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[list[int], list[int], list[int]]:
-        """Token ids and labels of prompt + target + eos, labels masked on the prompt; and each marker's position (-1: absent)."""
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> PreparedRow:
+        """Token ids and labels of prompt + target + eos, labels masked on the prompt; each marker's position (-1: absent);
+        and the ids of the sample's spelled text, when it has one and text_alignment asks for it."""
         prompt_ids, positions = self.encode_marked(sample["prompt"])
         target_ids = self._tokens(sample["target"]) + [self.eos_id]
         ids = (prompt_ids + target_ids)[:max_tokens]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_tokens]
-        return ids, labels, [positions.get(source, -1) for source in self.marker_sources]
+        spelled = self._tokens(sample["spelled_text"]) if self.text_alignment > 0 and sample.get("spelled_text") else None
+        return ids, labels, [positions.get(source, -1) for source in self.marker_sources], spelled
 
-    def collate(self, rows: list[tuple[list[int], list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-padded ids, mask and labels of prepared rows, and the marker positions (B, markers)."""
-        length = max(len(ids) for ids, _, _ in rows)
+    def collate(self, rows: list[PreparedRow]) -> dict[str, torch.Tensor | None]:
+        """Right-padded ids, mask and labels of prepared rows, the marker positions (B, markers), and the spelled texts'
+        right-padded ids and mask (B, S) when every row has one (else None: generation and evaluation need none)."""
+        length = max(len(row[0]) for row in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for row, (ids, row_labels, _) in enumerate(rows):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(row_labels)
-            mask[row, : len(ids)] = 1
-        positions = torch.tensor([p for _, _, p in rows], dtype=torch.long).reshape(len(rows), len(self.marker_sources))
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "marker_positions": positions}
+        for index, (ids, row_labels, _, _) in enumerate(rows):
+            input_ids[index, : len(ids)] = torch.tensor(ids)
+            labels[index, : len(ids)] = torch.tensor(row_labels)
+            mask[index, : len(ids)] = 1
+        positions = torch.tensor([row[2] for row in rows], dtype=torch.long).reshape(len(rows), len(self.marker_sources))
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "marker_positions": positions,
+                 "spelled_ids": None, "spelled_mask": None}
+        spelled = [row[3] for row in rows]
+        if any(s is not None for s in spelled):
+            if any(s is None for s in spelled):
+                raise MMAdaptError("text_alignment: some samples of a batch have a spelled_text and some do not")
+            width = max(len(s) for s in spelled)
+            batch["spelled_ids"] = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            batch["spelled_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
+            for index, ids in enumerate(spelled):
+                batch["spelled_ids"][index, : len(ids)] = torch.tensor(ids)
+                batch["spelled_mask"][index, : len(ids)] = 1
+        return batch
 
     def _prefix_position(self) -> int:
         """Where the prefix goes in the token sequence: after the leading bos, or first."""
@@ -175,12 +202,15 @@ class CausalLM(Decoder):
         attention_mask: torch.Tensor | None = None,  # (B, T)
         labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX on prompt and padding
         marker_positions: torch.Tensor | None = None,  # (B, markers): where each marked source's tokens go, -1 if unmarked
+        spelled_ids: torch.Tensor | None = None,  # (B, S) right-padded: the text the bridge's tokens stand for, per sample
+        spelled_mask: torch.Tensor | None = None,  # (B, S)
     ) -> dict[str, torch.Tensor]:
         if input_ids is None:
             raise MMAdaptError("causal_lm needs input_ids from the data")
         embeds = self.embed(input_ids)  # (B, T, D)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        text_ids, text_mask = input_ids, attention_mask  # before the prefix goes in: what text_alignment compares
         if isinstance(prefix_embeds, RowTokens) or (prefix_embeds is not None and self.markers):
             embeds, attention_mask, labels = self._splice_rows(embeds, attention_mask, labels, prefix_embeds, marker_positions)
         elif prefix_embeds is not None:
@@ -191,8 +221,42 @@ class CausalLM(Decoder):
             attention_mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=1)
             if labels is not None:
                 labels = torch.cat([labels[:, :at], labels.new_full((batch, prefix_len), IGNORE_INDEX), labels[:, at:]], dim=1)
-        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        return {"loss": out.loss, "logits": out.logits}
+        aligning = self.text_alignment > 0 and isinstance(prefix_embeds, torch.Tensor) and prefix_embeds.requires_grad  # training only
+        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False, output_hidden_states=aligning)
+        result = {"loss": out.loss, "logits": out.logits}
+        if aligning:
+            alignment = self.alignment_loss(out.hidden_states, text_ids, text_mask, prefix_embeds.shape[1], spelled_ids, spelled_mask)
+            result.update(loss=out.loss + self.text_alignment * alignment, alignment_loss=alignment.detach())
+        return result
+
+    def alignment_loss(self, states: tuple[torch.Tensor, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_len: int,
+                       spelled_ids: torch.Tensor | None, spelled_mask: torch.Tensor | None) -> torch.Tensor:
+        """Squared distance of each layer's hidden states over the text after the prefix to the states the LM has with the
+        spelled text in the prefix's place, relative to the latter's squared size; averaged over layers."""
+        if spelled_ids is None or spelled_mask is None:
+            raise MMAdaptError("text_alignment is set on the causal_lm, but the data gives no spelled_text (a sentence naming "
+                               "what the bridge's tokens stand for; for fsdd_captions: spelled_text: \"The picture shows a {word}.\")")
+        at = self._prefix_position()
+        lengths, spelled_lengths = attention_mask.sum(1).tolist(), spelled_mask.sum(1)  # (B,), (B,)
+        spelled_rows = [torch.cat([input_ids[i, :at], spelled_ids[i, :s], input_ids[i, at:n]])  # [bos] spelled text, prompt, target
+                        for i, (n, s) in enumerate(zip(lengths, spelled_lengths.tolist()))]
+        width = max(len(r) for r in spelled_rows)
+        teacher_ids = input_ids.new_full((len(spelled_rows), width), self.pad_id)
+        teacher_mask = torch.zeros_like(teacher_ids)
+        for i, row in enumerate(spelled_rows):
+            teacher_ids[i, : len(row)], teacher_mask[i, : len(row)] = row, 1
+        with torch.no_grad():
+            target = self.model(input_ids=teacher_ids, attention_mask=teacher_mask, use_cache=False, output_hidden_states=True).hidden_states
+        rest = torch.arange(input_ids.shape[1] - at, device=input_ids.device)  # positions of the text after the prefix
+        own_at = at + prefix_len + rest  # (R,) the same in every row: the prefix has one length
+        spelled_at = (at + spelled_lengths.to(rest.device)[:, None] + rest[None]).clamp(max=width - 1)  # (B, R)
+        real = attention_mask[:, at:].to(states[0].dtype)  # (B, R) padding is left out
+        ratios = []
+        for own, spelled in zip(states[1:], target[1:]):  # layer 0 is the input embeddings: equal on this text
+            wanted = torch.gather(spelled, 1, spelled_at[..., None].expand(-1, -1, spelled.shape[-1])).float()  # (B, R, D)
+            error = ((own[:, own_at].float() - wanted) ** 2).sum(-1)  # (B, R)
+            ratios.append((error * real).sum() / ((wanted ** 2).sum(-1) * real).sum().clamp(min=1e-12))
+        return torch.stack(ratios).mean()
 
     def _pieces(self, prefix: torch.Tensor | RowTokens, row: int, positions: dict[str, int]) -> list[tuple[int, int, torch.Tensor]]:
         """(insert position, order, embeddings (P, D)) of one row's bridge tokens: at their marker, else the default place."""
