@@ -1,11 +1,13 @@
 """`mmadapt validate`: every check that needs no weights, all problems reported at once."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from mmadapt.errors import MMAdaptError, Problem, RecipeError
 from mmadapt.graph import Plan, analyse, data_problems, infer_bridge_widths
 from mmadapt.nodes import Bridge, Encoder, WidthUnknown
+from mmadapt.registry import DATA_TYPES, resolve
 from mmadapt.spec import Recipe, apply_overrides, load_yaml, parse_recipe
 
 
@@ -15,6 +17,7 @@ def check_recipe(raw: dict[str, Any], source: str) -> tuple[Recipe, Plan]:
     plan, graph_problems = analyse(recipe.nodes)
     problems += graph_problems
     problems += shard_problems(recipe, plan) if not graph_problems else []
+    problems += alignment_problems(recipe)
     problems += data_problems(recipe.data, "data")
     if recipe.val_data is not None:
         problems += data_problems(recipe.val_data, "val_data")
@@ -43,6 +46,29 @@ def shard_problems(recipe: Recipe, plan: Plan) -> list[Problem]:
         elif issubclass(plan.classes[name], Encoder) and recipe.train.cache_frozen_features:
             problems.append(Problem("train", "shard_frozen", f"encoder '{name}' would feed the feature cache, which each "
                                                              "process fills alone; set cache_frozen_features: false"))
+    return problems
+
+
+def alignment_problems(recipe: Recipe) -> list[Problem]:
+    """A node with text_alignment trains toward each sample's spelled_text, so table datasets must be told to give one.
+
+    Checked here because a missing one otherwise stops the run at its first step, after the models and the cache load.
+    Dotted-path datasets are left alone: they may set the field themselves.
+    """
+    aligned = [name for name, node in recipe.nodes.items() if isinstance(node.params.get("text_alignment"), (int, float))
+               and node.params["text_alignment"] > 0]
+    if not aligned:
+        return []
+    parts = recipe.data.get("parts") if recipe.data.get("type") == "mixture" else [recipe.data]
+    problems = []
+    for part in parts or []:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in DATA_TYPES or kind == "mixture" or part.get("spelled_text"):
+            continue  # unknown types are reported by data_problems
+        takes_it = "spelled_text" in inspect.signature(resolve(kind, DATA_TYPES)).parameters
+        remedy = "unless its spelled_text is set (e.g. spelled_text: \"The picture shows a {word}.\")" if takes_it else "(it has no spelled_text option)"
+        problems.append(Problem("data", "spelled_text", f"graph.{aligned[0]}.text_alignment is set, so every training sample "
+                                                        f"needs a spelled_text; {kind} gives none {remedy}"))
     return problems
 
 

@@ -154,3 +154,18 @@ def test_shard_frozen_on_one_process_keeps_the_whole_lm(tmp_path: Path) -> None:
     assert not trainer.sharded and trainer.wrapped is not None
     weights = next(trainer.model.nodes["llm"].parameters())
     assert type(weights).__name__ == "Parameter"  # not a DTensor: one process keeps the whole LM
+
+
+def test_text_alignment_needs_data_that_spells_the_text_before_anything_loads() -> None:
+    raw = tiny_recipe("qformer")  # digits_captions: no spelled_text option
+    raw["graph"]["llm"]["text_alignment"] = 5
+    assert problems_of(raw) == ["data.spelled_text: graph.llm.text_alignment is set, so every training sample needs a "
+                                "spelled_text; digits_captions gives none (it has no spelled_text option)"]
+    raw["data"] = {"type": "mixture", "parts": [{"type": "digits_points", "split": "train", "spelled_text": "It is a {word}."},
+                                                 {"type": "digits_points", "split": "train"}]}
+    assert problems_of(raw) == ["data.spelled_text: graph.llm.text_alignment is set, so every training sample needs a "
+                                "spelled_text; digits_points gives none unless its spelled_text is set (e.g. spelled_text: "
+                                "\"The picture shows a {word}.\")"]
+    raw["data"]["parts"][1]["spelled_text"] = "It is a {word}."
+    recipe, _ = check_recipe(raw, "good.yaml")
+    assert recipe.nodes["llm"].params["text_alignment"] == 5
