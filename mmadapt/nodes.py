@@ -1,12 +1,23 @@
 """The contract every graph node keeps: its role, default inputs, and how its widths are known."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from mmadapt.errors import DataError
+
+
+def each_or_error(function: Callable[[Any], Any], samples: list[Any]) -> list[Any]:
+    """`function` of each sample, a sample it refuses (DataError) returned as that error so the others go on."""
+    results: list[Any] = []
+    for sample in samples:
+        try:
+            results.append(function(sample))
+        except DataError as exc:
+            results.append(exc)
+    return results
 
 
 class WidthUnknown(Exception):
@@ -64,13 +75,7 @@ class Encoder(Node):
     def preprocess_batch(self, samples: list[Any]) -> list[torch.Tensor | DataError]:
         """`preprocess` for each sample, a bad one returned as its DataError so the others go on; encoders whose
         preprocessing is cheaper per batch (an image processor) override it."""
-        results: list[torch.Tensor | DataError] = []
-        for sample in samples:
-            try:
-                results.append(self.preprocess(sample))
-            except DataError as exc:
-                results.append(exc)
-        return results
+        return each_or_error(self.preprocess, samples)
 
     def cache_identity(self) -> dict[str, Any]:
         """Everything that changes this encoder's output for a given input: model, weights, layer, transform."""

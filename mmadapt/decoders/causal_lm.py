@@ -25,6 +25,17 @@ PreparedRow = tuple[list[int], list[int], list[int], list[int] | None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def right_padded(rows: list[list[int]] | list[torch.Tensor], pad: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) id rows padded on the right with `pad`, and the (B, L) mask of their real tokens."""
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.as_tensor(row)
+        mask[index, : len(row)] = 1
+    return ids, mask
+
+
 def input_width(config: Any) -> int:
     """Width of the input embeddings; OPT can project them (word_embed_proj_dim != hidden_size)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -165,14 +176,8 @@ class CausalLM(Decoder):
     def collate(self, rows: list[PreparedRow]) -> dict[str, torch.Tensor | None]:
         """Right-padded ids, mask and labels of prepared rows, the marker positions (B, markers), and the spelled texts'
         right-padded ids and mask (B, S) when every row has one (else None: generation and evaluation need none)."""
-        length = max(len(row[0]) for row in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, (ids, row_labels, _, _) in enumerate(rows):
-            input_ids[index, : len(ids)] = torch.tensor(ids)
-            labels[index, : len(ids)] = torch.tensor(row_labels)
-            mask[index, : len(ids)] = 1
+        input_ids, mask = right_padded([row[0] for row in rows], self.pad_id)
+        labels, _ = right_padded([row[1] for row in rows], IGNORE_INDEX)
         positions = torch.tensor([row[2] for row in rows], dtype=torch.long).reshape(len(rows), len(self.marker_sources))
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "marker_positions": positions,
                  "spelled_ids": None, "spelled_mask": None}
@@ -180,12 +185,7 @@ class CausalLM(Decoder):
         if any(s is not None for s in spelled):
             if any(s is None for s in spelled):
                 raise MMAdaptError("text_alignment: some samples of a batch have a spelled_text and some do not")
-            width = max(len(s) for s in spelled)
-            batch["spelled_ids"] = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            batch["spelled_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
-            for index, ids in enumerate(spelled):
-                batch["spelled_ids"][index, : len(ids)] = torch.tensor(ids)
-                batch["spelled_mask"][index, : len(ids)] = 1
+            batch["spelled_ids"], batch["spelled_mask"] = right_padded(spelled, self.pad_id)
         return batch
 
     def _prefix_position(self) -> int:
@@ -240,11 +240,8 @@ class CausalLM(Decoder):
         lengths, spelled_lengths = attention_mask.sum(1).tolist(), spelled_mask.sum(1)  # (B,), (B,)
         spelled_rows = [torch.cat([input_ids[i, :at], spelled_ids[i, :s], input_ids[i, at:n]])  # [bos] spelled text, prompt, target
                         for i, (n, s) in enumerate(zip(lengths, spelled_lengths.tolist()))]
-        width = max(len(r) for r in spelled_rows)
-        teacher_ids = input_ids.new_full((len(spelled_rows), width), self.pad_id)
-        teacher_mask = torch.zeros_like(teacher_ids)
-        for i, row in enumerate(spelled_rows):
-            teacher_ids[i, : len(row)], teacher_mask[i, : len(row)] = row, 1
+        teacher_ids, teacher_mask = right_padded(spelled_rows, self.pad_id, input_ids.device)
+        width = teacher_ids.shape[1]
         with torch.no_grad():
             target = self.model(input_ids=teacher_ids, attention_mask=teacher_mask, use_cache=False, output_hidden_states=True).hidden_states
         rest = torch.arange(input_ids.shape[1] - at, device=input_ids.device)  # positions of the text after the prefix

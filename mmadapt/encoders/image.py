@@ -9,7 +9,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmadapt.errors import DataError, MMAdaptError
 from mmadapt.identity import weights_hash
-from mmadapt.nodes import Encoder
+from mmadapt.nodes import Encoder, each_or_error
 
 FEATURES = ("patch", "pooled")
 
@@ -45,12 +45,7 @@ class ImageEncoder(Encoder):
 
     def preprocess_batch(self, samples: list[Any]) -> list[torch.Tensor | DataError]:
         """Each sample opened on its own (a bad file fails alone, as its DataError), the good ones transformed together."""
-        opened: list[Image.Image | DataError] = []
-        for sample in samples:
-            try:
-                opened.append(open_image(sample))
-            except DataError as exc:
-                opened.append(exc)
+        opened: list[Image.Image | DataError] = each_or_error(open_image, samples)
         good = [image for image in opened if isinstance(image, Image.Image)]
         tensors = iter(self.transform_images(good) if good else [])
         return [item if isinstance(item, DataError) else next(tensors) for item in opened]
