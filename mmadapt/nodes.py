@@ -1,7 +1,8 @@
 """The contract every graph node keeps: its role, default inputs, and how its widths are known."""
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +19,26 @@ def each_or_error(function: Callable[[Any], Any], samples: list[Any]) -> list[An
         except DataError as exc:
             results.append(exc)
     return results
+
+
+@contextmanager
+def adapters_off(module: nn.Module) -> Iterator[None]:
+    """Run `module` as its frozen base: every peft adapter layer inside it is switched off, then restored as it was.
+
+    A text_alignment teacher must be the base model. With adapters on in the teacher too, the adapters could meet the
+    alignment by making the model ignore the tokens it is given, the bridge's and the spelled text's alike.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    enabled = [not layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, was_enabled in zip(layers, enabled):
+            layer.enable_adapters(was_enabled)
 
 
 class WidthUnknown(Exception):

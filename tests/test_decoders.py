@@ -120,3 +120,33 @@ def test_text_alignment_refuses_data_without_spelled_text_and_prompt_markers() -
         decoder.collate([decoder.prepare({"prompt": "Q:", "target": "two", "spelled_text": "two"}, 64), decoder.prepare({"prompt": "Q:", "target": "x"}, 64)])
     with pytest.raises(MMAdaptError, match="markers"):
         CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", text_alignment=1.0, markers={"audio": "<audio>"})
+
+
+def test_text_alignment_teacher_is_the_base_lm_when_lora_trains_inside_it() -> None:
+    """With adapters in the LM, the spelled-text teacher runs with them off (else they could satisfy the alignment by
+    making the LM ignore its context); the student pass keeps them on, and they are on again afterwards."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from mmadapt.nodes import adapters_off
+
+    decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0).eval()
+    torch.manual_seed(0)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), decoder.model)
+    batch = aligned_batch(decoder, [("Question: odd? Answer:", " yes", "seven")])
+    prefix = torch.randn(1, 4, decoder.embed_dim, requires_grad=True)  # (B, P, D)
+    loss = decoder(prefix_embeds=prefix, **batch)["alignment_loss"]
+    text = batch["input_ids"][:, 1:] if decoder.prefix_after_bos else batch["input_ids"]  # (1, T)
+    with torch.no_grad():
+        own = decoder.model(inputs_embeds=torch.cat([prefix, decoder.embed(text)], 1), output_hidden_states=True).hidden_states
+        with adapters_off(decoder.model):
+            base = decoder.model(input_ids=torch.cat([batch["spelled_ids"], text], 1), output_hidden_states=True).hidden_states
+        adapted = decoder.model(input_ids=torch.cat([batch["spelled_ids"], text], 1), output_hidden_states=True).hidden_states
+    spelled_len = batch["spelled_ids"].shape[1]
+
+    def relative_error(teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.stack([((own[i][0, 4:] - teacher[i][0, spelled_len:]) ** 2).sum() / (teacher[i][0, spelled_len:] ** 2).sum()
+                            for i in range(1, len(own))]).mean()
+
+    assert torch.allclose(loss, relative_error(base), rtol=1e-5)
+    assert not torch.allclose(loss, relative_error(adapted), rtol=1e-2)  # the adapters change the teacher: the check can fail
+    assert not torch.allclose(base[-1], adapted[-1])  # and they are back on after the alignment's teacher pass

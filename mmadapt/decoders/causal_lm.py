@@ -9,7 +9,7 @@ import torch
 from mmadapt.encoders.hf_vision import read_config
 from mmadapt.errors import MMAdaptError
 from mmadapt.identity import config_hash
-from mmadapt.nodes import Decoder, RowTokens
+from mmadapt.nodes import Decoder, RowTokens, adapters_off
 from mmadapt.zoo import resolve_checkpoint
 
 IGNORE_INDEX = -100  # label value the HF loss skips: prompt, prefix and padding positions
@@ -242,7 +242,7 @@ class CausalLM(Decoder):
                         for i, (n, s) in enumerate(zip(lengths, spelled_lengths.tolist()))]
         teacher_ids, teacher_mask = right_padded(spelled_rows, self.pad_id, input_ids.device)
         width = teacher_ids.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), adapters_off(self.model):  # the teacher is the frozen LM, whatever adapters train inside it
             target = self.model(input_ids=teacher_ids, attention_mask=teacher_mask, use_cache=False, output_hidden_states=True).hidden_states
         rest = torch.arange(input_ids.shape[1] - at, device=input_ids.device)  # positions of the text after the prefix
         own_at = at + prefix_len + rest  # (R,) the same in every row: the prefix has one length

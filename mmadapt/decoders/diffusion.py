@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmadapt.errors import MMAdaptError
 from mmadapt.identity import config_hash
-from mmadapt.nodes import Decoder, RowTokens
+from mmadapt.nodes import Decoder, RowTokens, adapters_off
 from mmadapt.zoo import resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -276,7 +276,7 @@ class DiffusionDecoder(Decoder):
         if spelled_ids is None:  # generation and evaluation need none; training with text_alignment does
             raise MMAdaptError("text_alignment is set on the diffusion decoder, but the data gives no spelled_text (the "
                                "prompt with words in place of the placeholder; for fsdd_captions: spelled_text: \"a handwritten {word}\")")
-        with torch.no_grad():
+        with torch.no_grad(), adapters_off(self.text_encoder):  # the teacher is the frozen text encoder, adapters or not
             target = self.text_encoder(spelled_ids.to(self.text_encoder.device)).last_hidden_state  # (B, L, D)
         return F.mse_loss(states.float(), target.float())
 
