@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audio_readouts import QFormerReader, card_rows, logistic, trained_reader  # noqa: E402
+from audio_readouts import QFormerReader, card_rows, logistic, seeded_scores  # noqa: E402
 from common import machine, table  # noqa: E402
 
 
@@ -57,11 +57,8 @@ def main() -> None:
         ("the same with dropout 0.1", 0.1, (train, labels), 2000),
         ("the recipe's Q-Former on 4 poses per digit (4000 steps)", 0.0, (posed, posed_labels), 4000),
     ]:
-        scores = []
-        for seed in (0, 1):  # one run of a small net on 300 test digits moves by a few points
-            torch.manual_seed(seed)
-            scores.append(trained_reader(QFormerReader(width, None, dropout), tokens, targets, test, truth, steps))
-        rows.append([f"{name}; seeds 0 / 1", " / ".join(f"{score:.3f}" for score in scores)])
+        scores = seeded_scores(lambda: QFormerReader(width, None, dropout), (0, 1), tokens, targets, test, truth, steps)  # noqa: B023 - called at once
+        rows.append([f"{name}; seeds 0 / 1", scores])
     if args.card:
         rows += card_rows(args.card, args.bridge, train, labels, test, truth)
     print(f"digits-points, tokens {tuple(train.shape[1:])}; {machine()}")

@@ -135,7 +135,7 @@ def test_text_alignment_teacher_is_the_base_lm_when_lora_trains_inside_it() -> N
     batch = aligned_batch(decoder, [("Question: odd? Answer:", " yes", "seven")])
     prefix = torch.randn(1, 4, decoder.embed_dim, requires_grad=True)  # (B, P, D)
     loss = decoder(prefix_embeds=prefix, **batch)["alignment_loss"]
-    text = batch["input_ids"][:, 1:] if decoder.prefix_after_bos else batch["input_ids"]  # (1, T)
+    text = batch["input_ids"]  # (1, T): the prefix goes first (prefix_after_bos is off), the spelled text in its place
     with torch.no_grad():
         own = decoder.model(inputs_embeds=torch.cat([prefix, decoder.embed(text)], 1), output_hidden_states=True).hidden_states
         with adapters_off(decoder.model):
