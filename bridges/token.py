@@ -1,4 +1,4 @@
-"""AudioToken-style embedder: attentive pooling (or the flattened grid) of an encoder's tokens, then an MLP to K pseudo-words."""
+"""AudioToken-style embedder: attentive pooling (or the flattened grid) of an encoder's tokens, then an MLP to K pseudo-words or prefix tokens."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +11,8 @@ from mmadapt.nodes import Bridge
 class TokenEmbedder(Bridge):
     """(B, N, in_dim) encoder tokens -> (B, K, out_dim) embeddings that stand in for a prompt's placeholder word.
 
-    Wire it to a diffusion decoder's `token_embeds`. For textual inversion (a free vector, no input) use `soft_prompt`.
+    Wire it to a diffusion decoder's `token_embeds`, or, with `input_tokens`, to a causal LM's `prefix_embeds` as an MLP
+    prefix over the whole grid (recipes/mini/audio-grid.yaml). For textual inversion (a free vector, no input) use `soft_prompt`.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_tokens: int = 1, hidden_dim: int | None = None,

@@ -67,6 +67,18 @@ def build(raw: dict[str, Any]) -> Any:
     return assemble(recipe, plan)
 
 
+def train_recipe(recipe: Path, tmp_path: Path, *overrides: str) -> Any:
+    """A recipe file trained as `mmadapt train` trains it, with its run and feature cache under tmp_path; the Trainer after training."""
+    from mmadapt.spec import apply_overrides, load_yaml
+    from mmadapt.train import Trainer
+    from mmadapt.validate import check_recipe
+
+    raw = apply_overrides(load_yaml(recipe), [f"train.output_dir={tmp_path / 'run'}", f"train.cache_dir={tmp_path / 'cache'}", *overrides])
+    trainer = Trainer(*check_recipe(raw, str(recipe)))
+    trainer.train()
+    return trainer
+
+
 def bad_files_are_skipped_then_fail_fast(raw: dict[str, Any], messages: list[str]) -> None:
     """Train on data holding bad files: each message is among the skipped samples; then, with skip_bad_samples off,
     the run stops with one of them."""

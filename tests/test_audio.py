@@ -9,7 +9,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import TINY_LMS, bad_files_are_skipped_then_fail_fast, build
+from conftest import REPO, TINY_LMS, bad_files_are_skipped_then_fail_fast, build, train_recipe
 from mmadapt.digits import WORDS
 from mmadapt.encoders.audio import AudioRules, read_audio
 from mmadapt.encoders.audiomae import AudioMAE, map_official_state_dict
@@ -353,14 +353,19 @@ def test_zoo_member_reproduces_its_recorded_linear_probe() -> None:
 def test_audio_token_recipe_reaches_its_target(tmp_path: Path) -> None:
     """Opt-in (`pytest -m slow`, about 6 min): the referee reads the spoken digit in at least 70% of the pictures
     drawn for test recordings (measured 81.0%)."""
-    from conftest import REPO
     from mmadapt.evaluate import evaluate_image_token
-    from mmadapt.spec import apply_overrides, load_yaml
-    from mmadapt.train import Trainer
-    from mmadapt.validate import check_recipe
 
-    raw = apply_overrides(load_yaml(REPO / "recipes" / "mini" / "audio-token.yaml"),
-                          [f"train.output_dir={tmp_path / 'run'}", f"train.cache_dir={tmp_path / 'cache'}"])
-    trainer = Trainer(*check_recipe(raw, "audio-token"))
-    trainer.train()
+    trainer = train_recipe(REPO / "recipes" / "mini" / "audio-token.yaml", tmp_path)
     assert evaluate_image_token(trainer.model, limit=200)["referee_accuracy"] >= 0.70
+
+
+@pytest.mark.slow
+@needs_fsdd
+def test_audio_grid_recipe_reaches_its_target(tmp_path: Path) -> None:
+    """Opt-in (`pytest -m slow`, about 5 min): digits-lm names the spoken digit of at least 90% of the 250 test
+    recordings (measured 93.2%; seeds 1 and 2: 92.0%, 94.0%) and answers the zero-shot questions well above chance."""
+    from mmadapt.evaluate import evaluate_digits
+
+    figures = evaluate_digits(train_recipe(REPO / "recipes" / "mini" / "audio-grid.yaml", tmp_path).model)
+    assert figures["caption_accuracy"] >= 0.90
+    assert min(figures["zero_shot"].values()) >= 0.80  # measured 89.6% ("even") and 91.2% ("plus one")

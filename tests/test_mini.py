@@ -6,11 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, train_recipe
 from mmadapt.evaluate import evaluate_digits
-from mmadapt.spec import apply_overrides, load_yaml
-from mmadapt.train import Trainer
-from mmadapt.validate import check_recipe
 
 RECIPE = REPO / "recipes" / "mini" / "qformer.yaml"
 # Measured on 2 CPU cores with these overrides (see the README): the floors sit well below the
@@ -21,11 +18,7 @@ RANDOM_TOWER_CEILING = 0.50  # measured 0.36 with load_weights=false
 
 
 def train_mini(tmp_path: Path, *extra: str) -> dict:
-    raw = apply_overrides(load_yaml(RECIPE), [f"train.steps={STEPS}", f"train.output_dir={tmp_path / 'run'}",
-                                              f"train.cache_dir={tmp_path / 'cache'}", "val_data.limit=16", *extra])
-    recipe, plan = check_recipe(raw, str(RECIPE))
-    trainer = Trainer(recipe, plan)
-    trainer.train()
+    trainer = train_recipe(RECIPE, tmp_path, f"train.steps={STEPS}", "val_data.limit=16", *extra)
     return evaluate_digits(trainer.model, limit=100)
 
 
@@ -45,10 +38,7 @@ def test_a_random_weight_tower_scores_far_lower(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["qformer", "projector", "prefix", "qformer-lora"])
 def test_full_recipe_reaches_its_target(name: str, tmp_path: Path) -> None:
     """Opt-in (`pytest -m slow`): the full recipes and the README's targets."""
-    raw = apply_overrides(load_yaml(REPO / "recipes" / "mini" / f"{name}.yaml"), [f"train.output_dir={tmp_path / 'run'}", f"train.cache_dir={tmp_path / 'cache'}"])
-    recipe, plan = check_recipe(raw, name)
-    trainer = Trainer(recipe, plan)
-    trainer.train()
+    trainer = train_recipe(REPO / "recipes" / "mini" / f"{name}.yaml", tmp_path)
     figures = evaluate_digits(trainer.model)
     target = {"qformer": 0.95, "projector": 0.90}.get(name, 0.80)
     assert figures["caption_accuracy"] >= target
