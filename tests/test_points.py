@@ -315,3 +315,15 @@ def test_zoo_member_reproduces_its_recorded_linear_probe() -> None:
         "llm": {"type": "causal_lm", "checkpoint": "zoo:digits-lm", "inputs": {"prefix_embeds": "proj"}}},
         "data": {"type": "digits_points", "split": "train", "limit": 4}})
     assert model.plan.bridge_dims["proj"] == {"in_dim": 96, "out_dim": 128}
+
+
+@pytest.mark.slow
+def test_points_recipe_reaches_its_target(tmp_path: Path) -> None:
+    """Opt-in (`pytest -m slow`, about 10 min): digits-lm names the digit of at least 90% of the 300 test clouds
+    (measured 92.0%; seeds 1 and 2: 91.7%, 91.3%) and answers the zero-shot questions well above chance."""
+    from conftest import REPO, train_recipe
+    from mmadapt.evaluate import evaluate_digits
+
+    figures = evaluate_digits(train_recipe(REPO / "recipes" / "mini" / "points-qformer.yaml", tmp_path).model)
+    assert figures["caption_accuracy"] >= 0.90
+    assert min(figures["zero_shot"].values()) >= 0.80  # measured 94.0% ("even") and 90.3% ("plus one")
