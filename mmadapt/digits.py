@@ -119,11 +119,13 @@ class DigitsCaptions(Dataset):
         prompt: str = "",  # the question, for the instruction template
         limit: int | None = None,  # use only the first N samples of the split (quick tests)
         text: str | None = None,  # one text for every sample instead of a caption, e.g. "a handwritten <*>" for a token bridge
+        spelled_text: str | None = None,  # what a decoder's text_alignment pulls toward, e.g. "The picture shows a {word}."
     ) -> None:
         if style not in ("varied", "fixed"):
             raise DataError(f"style must be varied or fixed, got {style!r}")
         self.indices = split_indices(split)[:limit]
         self.style, self.template, self.prompt, self.text = style, template, prompt, text
+        self.spelled_text = checked_spelled_text(spelled_text)
         format_sample(template, "", "")
         self.rng = random.Random()  # reseeded from the global RNG state each draw so resume repeats it
         load_digits_arrays()  # import sklearn now: its first import draws from the global RNG
@@ -141,5 +143,8 @@ class DigitsCaptions(Dataset):
         text = self.text if self.text is not None else caption_for(int(labels[index]), self.style, self.rng)
         prompt, target = format_sample(self.template, text, self.prompt)
         key = hashlib.sha1(b"sklearn-digits" + images[index].tobytes()).hexdigest()
-        return {"image": digit_image(images[index]), "prompt": prompt, "target": target, "text": text,
-                "key": key, "id": position, "label": int(labels[index])}
+        sample = {"image": digit_image(images[index]), "prompt": prompt, "target": target, "text": text,
+                  "key": key, "id": position, "label": int(labels[index])}
+        if self.spelled_text is not None:
+            sample["spelled_text"] = spell(self.spelled_text, int(labels[index]))
+        return sample

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_LMS
 from mmadapt.decoders.causal_lm import IGNORE_INDEX, CausalLM
 from mmadapt.errors import MMAdaptError
+from mmadapt.nodes import RowTokens
 
 
 @pytest.fixture(scope="module", params=list(TINY_LMS))
@@ -110,7 +111,7 @@ def test_text_alignment_over_padded_rows_equals_the_loss_worked_out_row_by_row()
     assert torch.allclose(loss, (errors / sizes).mean(), rtol=1e-5)
 
 
-def test_text_alignment_refuses_data_without_spelled_text_and_prompt_markers() -> None:
+def test_text_alignment_refuses_data_without_spelled_text() -> None:
     decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0).eval()
     batch = decoder.collate([decoder.prepare({"prompt": "Q:", "target": "two"}, 64)])
     assert batch["spelled_ids"] is None  # generation and evaluation collate without it
@@ -118,8 +119,52 @@ def test_text_alignment_refuses_data_without_spelled_text_and_prompt_markers() -
         decoder(prefix_embeds=torch.randn(1, 2, decoder.embed_dim, requires_grad=True), **batch)
     with pytest.raises(MMAdaptError, match="some samples of a batch"):
         decoder.collate([decoder.prepare({"prompt": "Q:", "target": "two", "spelled_text": "two"}, 64), decoder.prepare({"prompt": "Q:", "target": "x"}, 64)])
-    with pytest.raises(MMAdaptError, match="markers"):
-        CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", text_alignment=1.0, markers={"audio": "<audio>"})
+
+
+def marked_alignment_by_hand(decoder: CausalLM, prompt: str, target: str, spelled: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the squared error and squared size of the states after `tokens` spliced in at the prompt's marker, against
+    the states after the spelled text put there instead: one row, no padding, worked out without the decoder's splicing."""
+    ids, _, positions, _ = decoder.prepare({"prompt": prompt, "target": target}, 64)
+    at = max(positions)  # the one marker the prompt has
+    text, spelled_ids = torch.tensor([ids]), torch.tensor([list(spelled.encode())]) + 3  # ByT5 ids are bytes + 3
+    with torch.no_grad():
+        embedded = decoder.embed(text)
+        own = decoder.model(inputs_embeds=torch.cat([embedded[:, :at], tokens[None], embedded[:, at:]], 1), output_hidden_states=True).hidden_states
+        wanted = decoder.model(input_ids=torch.cat([text[:, :at], spelled_ids, text[:, at:]], 1), output_hidden_states=True).hidden_states
+    errors, sizes = torch.zeros(2), torch.zeros(2)
+    for layer in range(2):
+        a, b = own[layer + 1][0, at + len(tokens):], wanted[layer + 1][0, at + spelled_ids.shape[1]:]  # the text after them
+        errors[layer], sizes[layer] = ((a - b) ** 2).sum(), (b ** 2).sum()
+    return errors, sizes
+
+
+def test_text_alignment_with_prompt_markers_puts_the_spelled_text_where_the_marker_stood() -> None:
+    decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0, markers={"audio": "<audio>"}).eval()
+    rows = [("Heard <audio>. Odd? Answer:", " yes", "seven"), ("Q: <audio>", "a handwritten two", "a two")]
+    batch = decoder.collate([decoder.prepare({"prompt": p, "target": t, "spelled_text": s}, 64) for p, t, s in rows])
+    assert batch["marker_positions"].tolist() == [[6], [3]]  # byte tokens before each marker
+    prefix = torch.randn(2, 4, decoder.embed_dim, requires_grad=True)  # (B, P, D)
+    loss = decoder(prefix_embeds=prefix, **batch)["alignment_loss"]
+    parts = [marked_alignment_by_hand(decoder, p, t, s, prefix[row].detach()) for row, (p, t, s) in enumerate(rows)]
+    errors, sizes = sum(e for e, _ in parts), sum(z for _, z in parts)
+    assert torch.allclose(loss, (errors / sizes).mean(), rtol=1e-5)
+    unmarked = decoder.collate([decoder.prepare({"prompt": p.replace("<audio>", ""), "target": t, "spelled_text": s}, 64) for p, t, s in rows])
+    assert not torch.allclose(loss, decoder(prefix_embeds=prefix, **unmarked)["alignment_loss"])  # the place matters
+
+
+def test_text_alignment_over_a_mixed_batch_leaves_out_rows_without_bridge_tokens_and_refuses_two() -> None:
+    decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0,
+                       markers={"audio": "<audio>", "points": "<points>"}).eval()
+    rows = [("Heard <audio>. Answer:", " seven", "seven"), ("Q: <points>", "a two", "a two"), ("Q:", "text only", "none")]
+    batch = decoder.collate([decoder.prepare({"prompt": p, "target": t, "spelled_text": s}, 64) for p, t, s in rows])
+    audio, points = torch.randn(3, decoder.embed_dim, requires_grad=True), torch.randn(5, decoder.embed_dim)  # the points bridge is frozen
+    loss = decoder(prefix_embeds=RowTokens([[("audio", audio)], [("points", points)], []]), **batch)["alignment_loss"]
+    parts = [marked_alignment_by_hand(decoder, *rows[0], audio.detach()), marked_alignment_by_hand(decoder, *rows[1], points)]
+    errors, sizes = sum(e for e, _ in parts), sum(z for _, z in parts)  # the text-only row has no tokens to align
+    assert torch.allclose(loss, (errors / sizes).mean(), rtol=1e-5)
+    both = decoder.collate([decoder.prepare({"prompt": "<audio> and <points>", "target": "x", "spelled_text": "x"}, 64)])
+    with pytest.raises(MMAdaptError, match="carries tokens of audio, points"):
+        decoder(prefix_embeds=RowTokens([[("audio", audio), ("points", points)]]), **both)
 
 
 def test_text_alignment_teacher_is_the_base_lm_when_lora_trains_inside_it() -> None:

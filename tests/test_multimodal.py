@@ -145,3 +145,25 @@ def test_inference_skips_modalities_a_sample_lacks_but_refuses_a_sample_with_non
     assert isinstance(text, str)
     with pytest.raises(MMAdaptError, match=r"carries none of the fields the card's encoders read \(image, points\)"):
         generate_for_samples(model, [{"text": "x", "key": "k", "id": 0}], "Question: ?", max_new_tokens=3)
+
+
+def test_a_marker_places_the_tokens_of_a_graph_with_one_bridge_mid_prompt(tmp_path: Path) -> None:
+    """With every row carrying the modality the bridge's output is a plain (B, P, D) batch; it still goes where the marker stood."""
+    from mmadapt.data import Collator, build_dataset
+
+    raw = joint_recipe(tmp_path)
+    del raw["graph"]["points"], raw["graph"]["points_bridge"]
+    raw["graph"]["llm"].update(inputs={"prefix_embeds": "image_bridge"}, markers={"image_bridge": "<image>"})
+    raw["data"] = {"type": "digits_captions", "split": "train", "limit": 2, "style": "fixed", "template": "raw", "prompt": "Look: <image> Answer:"}
+    model = build(raw).eval()
+    batch = Collator(model, max_tokens=64)([build_dataset(model.recipe.data)[i] for i in range(2)])
+    assert "rows" not in batch and batch["node_inputs"]["llm"]["marker_positions"].tolist() == [[6], [6]]  # after "Look: "
+    with torch.no_grad():
+        logits = model(batch)["logits"]
+        tokens = model.run_nodes(batch, until_decoder=True)["image_bridge"]  # (B, P, D)
+        inputs = batch["node_inputs"]["llm"]
+        embeds = model.decoder.embed(inputs["input_ids"])
+        for row in range(2):
+            n = int(inputs["attention_mask"][row].sum())
+            by_hand = torch.cat([embeds[row, :6], tokens[row], embeds[row, 6:n]])[None]  # the tokens where "<image>" stood
+            assert torch.allclose(logits[row, : by_hand.shape[1]], model.decoder.model(inputs_embeds=by_hand).logits[0], atol=1e-5)

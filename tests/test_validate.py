@@ -157,10 +157,11 @@ def test_shard_frozen_on_one_process_keeps_the_whole_lm(tmp_path: Path) -> None:
 
 
 def test_text_alignment_needs_data_that_spells_the_text_before_anything_loads() -> None:
-    raw = tiny_recipe("qformer")  # digits_captions: no spelled_text option
+    raw = tiny_recipe("qformer")
     raw["graph"]["llm"]["text_alignment"] = 5
-    assert problems_of(raw) == ["data.spelled_text: graph.llm.text_alignment is set, so every training sample needs a "
-                                "spelled_text; digits_captions gives none (it has no spelled_text option)"]
+    raw["data"] = {"type": "image_captions", "path": "captions.jsonl"}  # a table of files and texts: no spelled_text option
+    assert "data.spelled_text: graph.llm.text_alignment is set, so every training sample needs a spelled_text; image_captions " \
+           "gives none (it has no spelled_text option)" in problems_of(raw)
     raw["data"] = {"type": "mixture", "parts": [{"type": "digits_points", "split": "train", "spelled_text": "It is a {word}."},
                                                  {"type": "digits_points", "split": "train"}]}
     assert problems_of(raw) == ["data.spelled_text: graph.llm.text_alignment is set, so every training sample needs a "

@@ -96,8 +96,6 @@ class CausalLM(Decoder):
         self._marker_pattern = re.compile("|".join(re.escape(t) for t in sorted(by_text, key=len, reverse=True))) if by_text else None
         if text_alignment < 0:
             raise MMAdaptError(f"text_alignment must be 0 or more, got {text_alignment}")
-        if text_alignment > 0 and self.markers:
-            raise MMAdaptError("text_alignment needs the bridge's tokens in one place; it does not combine with markers")
         self.text_alignment = text_alignment
         self.config = read_config(checkpoint, config)
         with torch.random.fork_rng():
@@ -211,53 +209,69 @@ class CausalLM(Decoder):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         text_ids, text_mask = input_ids, attention_mask  # before the prefix goes in: what text_alignment compares
+        at = self._prefix_position()
+        places: list[tuple[int, int] | None] = []  # per row: (where its bridge tokens go in its text, how many), for the alignment
         if isinstance(prefix_embeds, RowTokens) or (prefix_embeds is not None and self.markers):
-            embeds, attention_mask, labels = self._splice_rows(embeds, attention_mask, labels, prefix_embeds, marker_positions)
+            embeds, attention_mask, labels, places = self._splice_rows(embeds, attention_mask, labels, prefix_embeds, marker_positions)
         elif prefix_embeds is not None:
-            at = self._prefix_position()
             batch, prefix_len = prefix_embeds.shape[:2]
+            places = [(at, prefix_len)] * batch
             prefix = self.prefix_to_embeddings(prefix_embeds)
             embeds = torch.cat([embeds[:, :at], prefix, embeds[:, at:]], dim=1)  # (B, P + T, D)
             attention_mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=1)
             if labels is not None:
                 labels = torch.cat([labels[:, :at], labels.new_full((batch, prefix_len), IGNORE_INDEX), labels[:, at:]], dim=1)
-        aligning = self.text_alignment > 0 and isinstance(prefix_embeds, torch.Tensor) and prefix_embeds.requires_grad  # training only
+        pieces = [t for row in prefix_embeds.rows for _, t in row] if isinstance(prefix_embeds, RowTokens) else [prefix_embeds]
+        aligning = self.text_alignment > 0 and any(t is not None and t.requires_grad for t in pieces)  # training only
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False, output_hidden_states=aligning)
         result = {"loss": out.loss, "logits": out.logits}
         if aligning:
-            alignment = self.alignment_loss(out.hidden_states, text_ids, text_mask, prefix_embeds.shape[1], spelled_ids, spelled_mask)
+            several = [[source for source, _ in row] for row in prefix_embeds.rows if len(row) > 1] if isinstance(prefix_embeds, RowTokens) else []
+            if several:
+                raise MMAdaptError(f"text_alignment compares one bridge's tokens with one spelled text, but a sample carries tokens of "
+                                   f"{', '.join(several[0])}; train samples with one modality each, or set text_alignment: 0")
+            alignment = self.alignment_loss(out.hidden_states, text_ids, text_mask, places, spelled_ids, spelled_mask)
             result.update(loss=out.loss + self.text_alignment * alignment, alignment_loss=alignment.detach())
         return result
 
-    def alignment_loss(self, states: tuple[torch.Tensor, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_len: int,
-                       spelled_ids: torch.Tensor | None, spelled_mask: torch.Tensor | None) -> torch.Tensor:
-        """Squared distance of each layer's hidden states over the text after the prefix to the states the LM has with the
-        spelled text in the prefix's place, relative to the latter's squared size; averaged over layers."""
+    def alignment_loss(self, states: tuple[torch.Tensor, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       places: list[tuple[int, int] | None], spelled_ids: torch.Tensor | None, spelled_mask: torch.Tensor | None) -> torch.Tensor:
+        """Squared distance of each layer's hidden states over the text after the bridge's tokens to the states the LM has
+        with the spelled text in their place, relative to the latter's squared size; averaged over layers.
+
+        `places` gives each row's (insert position in its text, token count): one place for a plain prefix, the marker's
+        position with prompt markers; None for a row without bridge tokens, which the alignment leaves out.
+        """
         if spelled_ids is None or spelled_mask is None:
             raise MMAdaptError("text_alignment is set on the causal_lm, but the data gives no spelled_text (a sentence naming "
                                "what the bridge's tokens stand for; for fsdd_captions: spelled_text: \"The picture shows a {word}.\")")
-        at = self._prefix_position()
-        lengths, spelled_lengths = attention_mask.sum(1).tolist(), spelled_mask.sum(1)  # (B,), (B,)
-        spelled_rows = [torch.cat([input_ids[i, :at], spelled_ids[i, :s], input_ids[i, at:n]])  # [bos] spelled text, prompt, target
-                        for i, (n, s) in enumerate(zip(lengths, spelled_lengths.tolist()))]
+        default = self._prefix_position()
+        starts = torch.tensor([p[0] if p else default for p in places], device=input_ids.device)  # (B,)
+        counts = torch.tensor([p[1] if p else 0 for p in places], device=input_ids.device)  # (B,)
+        lengths, spelled_lengths = attention_mask.sum(1), spelled_mask.sum(1)  # (B,), (B,)
+        spelled_rows = [torch.cat([input_ids[i, :a], spelled_ids[i, :s], input_ids[i, a:n]])  # [bos] spelled text, prompt, target
+                        for i, (a, n, s) in enumerate(zip(starts.tolist(), lengths.tolist(), spelled_lengths.tolist()))]
         teacher_ids, teacher_mask = right_padded(spelled_rows, self.pad_id, input_ids.device)
-        width = teacher_ids.shape[1]
         with torch.no_grad(), adapters_off(self.model):  # the teacher is the frozen LM, whatever adapters train inside it
             target = self.model(input_ids=teacher_ids, attention_mask=teacher_mask, use_cache=False, output_hidden_states=True).hidden_states
-        rest = torch.arange(input_ids.shape[1] - at, device=input_ids.device)  # positions of the text after the prefix
-        own_at = at + prefix_len + rest  # (R,) the same in every row: the prefix has one length
-        spelled_at = (at + spelled_lengths.to(rest.device)[:, None] + rest[None]).clamp(max=width - 1)  # (B, R)
-        real = attention_mask[:, at:].to(states[0].dtype)  # (B, R) padding is left out
+        rest = torch.arange(input_ids.shape[1] - int(starts.min()), device=input_ids.device)  # (R,) positions of the text after the tokens
+        own_at = ((starts + counts)[:, None] + rest[None]).clamp(max=states[0].shape[1] - 1)  # (B, R)
+        spelled_at = ((starts + spelled_lengths.to(starts.device))[:, None] + rest[None]).clamp(max=teacher_ids.shape[1] - 1)  # (B, R)
+        real = (rest[None] < (lengths.to(starts.device) - starts)[:, None]) & torch.tensor([p is not None for p in places], device=starts.device)[:, None]
+        real = real.to(states[0].dtype)  # (B, R): padding, and rows without bridge tokens, are left out
         ratios = []
         for own, spelled in zip(states[1:], target[1:]):  # layer 0 is the input embeddings: equal on this text
             wanted = torch.gather(spelled, 1, spelled_at[..., None].expand(-1, -1, spelled.shape[-1])).float()  # (B, R, D)
-            error = ((own[:, own_at].float() - wanted) ** 2).sum(-1)  # (B, R)
+            mine = torch.gather(own, 1, own_at[..., None].expand(-1, -1, own.shape[-1])).float()  # (B, R, D)
+            error = ((mine - wanted) ** 2).sum(-1)  # (B, R)
             ratios.append((error * real).sum() / ((wanted ** 2).sum(-1) * real).sum().clamp(min=1e-12))
         return torch.stack(ratios).mean()
 
     def _pieces(self, prefix: torch.Tensor | RowTokens, row: int, positions: dict[str, int]) -> list[tuple[int, int, torch.Tensor]]:
         """(insert position, order, embeddings (P, D)) of one row's bridge tokens: at their marker, else the default place."""
-        found = prefix.rows[row] if isinstance(prefix, RowTokens) else [("", prefix[row])]
+        # A plain (B, P, D) prefix is one bridge's tokens: with a single marker they go where it stood, else to the default place
+        sole = self.marker_sources[0] if len(self.marker_sources) == 1 else ""
+        found = prefix.rows[row] if isinstance(prefix, RowTokens) else [(sole, prefix[row])]
         default = self._prefix_position()
         return [(positions.get(source, default), order, self.prefix_to_embeddings(tokens)) for order, (source, tokens) in enumerate(found)]
 
@@ -270,15 +284,17 @@ class CausalLM(Decoder):
         return row
 
     def _splice_rows(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None, prefix: torch.Tensor | RowTokens,
-                     marker_positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Each row's tokens at its own places (markers differ per prompt, modalities per row); right-padded again."""
-        out_embeds, out_labels = [], []
+                     marker_positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[tuple[int, int] | None]]:
+        """Each row's tokens at its own places (markers differ per prompt, modalities per row); right-padded again. Also
+        each row's (insert position, token count) for text_alignment: None for a row with none, or with several."""
+        out_embeds, out_labels, places = [], [], []
         for row in range(embeds.shape[0]):
             length = int(mask[row].sum())
             positions = {}
             if marker_positions is not None:
                 positions = {s: int(p) for s, p in zip(self.marker_sources, marker_positions[row].tolist()) if p >= 0}
             pieces = self._pieces(prefix, row, positions)
+            places.append((pieces[0][0], pieces[0][2].shape[0]) if len(pieces) == 1 else None)
             out_embeds.append(self._insert(embeds[row, :length], pieces))  # (P_i + T_i, D)
             if labels is not None:
                 out_labels.append(self._insert(labels[row, :length], pieces, labels.new_tensor([IGNORE_INDEX])))
@@ -291,7 +307,7 @@ class CausalLM(Decoder):
             new_mask[row, : spliced.shape[0]] = 1
             if new_labels is not None:
                 new_labels[row, : spliced.shape[0]] = out_labels[row]
-        return padded, new_mask, new_labels
+        return padded, new_mask, new_labels, places
 
     @torch.no_grad()
     def generate(
