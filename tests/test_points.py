@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_LMS, bad_files_are_skipped_then_fail_fast, build
+from conftest import REPO, TINY_LMS, bad_files_are_skipped_then_fail_fast, build, train_recipe
 from mmadapt.encoders.point_cloud import (PointBERT, PointBERTBackbone, PointBERTConfig, farthest_point_sample, group_points,
                                           knn_indices)
 from mmadapt.errors import DataError, MMAdaptError
@@ -319,9 +319,8 @@ def test_zoo_member_reproduces_its_recorded_linear_probe() -> None:
 
 @pytest.mark.slow
 def test_points_recipe_reaches_its_target(tmp_path: Path) -> None:
-    """Opt-in (`pytest -m slow`, about 10 min): digits-lm names the digit of at least 90% of the 300 test clouds
+    """Opt-in (`pytest -m slow`, about 8 min): digits-lm names the digit of at least 90% of the 300 test clouds
     (measured 92.0%; seeds 1 and 2: 91.7%, 91.3%) and answers the zero-shot questions well above chance."""
-    from conftest import REPO, train_recipe
     from mmadapt.evaluate import evaluate_digits
 
     figures = evaluate_digits(train_recipe(REPO / "recipes" / "mini" / "points-qformer.yaml", tmp_path).model)
