@@ -119,8 +119,8 @@ class AssembledModel(nn.Module):
     def port_value(self, name: str, port: str, refs: list[Ref], batch: dict[str, Any], outputs: dict[str, Any],
                    rows: dict[str, list[int] | None]) -> Any:
         bridged = [r for r in refs if not r.is_data]
-        marked = bool(getattr(self.nodes[name], "markers", None))  # marked tokens go in by source name, even when every row has them
-        if name == self.decoder_name and bridged and (marked or any(rows[r.source] is not None for r in bridged)):
+        # Marked tokens go in by source name, even when every row has them; a mixed batch's go in per row
+        if name == self.decoder_name and bridged and (getattr(self.decoder, "markers", None) or any(rows[r.source] is not None for r in bridged)):
             return self.row_tokens(port, bridged, batch, outputs, rows)
         values = [self._fetch(name, port, ref, batch, outputs) for ref in refs]
         return values[0] if len(values) == 1 else torch.cat(values, dim=1)  # several refs: joined along tokens

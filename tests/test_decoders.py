@@ -91,24 +91,34 @@ def test_text_alignment_is_zero_when_the_prefix_is_the_spelled_text_and_pairs_ea
     assert torch.allclose(swapped["loss"], caption_loss + swapped["alignment_loss"])  # weight 1
 
 
+def alignment_by_hand(decoder: CausalLM, rows: list[tuple[str, str, str]], tokens: list[torch.Tensor], at: int | None = None) -> torch.Tensor:
+    """The alignment loss worked out one row at a time, without the decoder's splicing or padding: per layer, the squared
+    error of the states over the text after each row's tokens against the states after its spelled text put in their
+    place, summed over rows, over the teacher's summed squared size; averaged over layers. `at`: where the tokens go in
+    every row; None: where each prompt's one marker stood."""
+    errors, sizes = torch.zeros(2), torch.zeros(2)  # summed over rows, per layer
+    for (prompt, target, spelled), piece in zip(rows, tokens):
+        ids, _, positions, _ = decoder.prepare({"prompt": prompt, "target": target}, 64)
+        place = max(positions) if at is None else at
+        text, spelled_ids = torch.tensor([ids]), torch.tensor([list(spelled.encode())]) + 3  # (1, T) unpadded; ByT5 ids are bytes + 3
+        with torch.no_grad():
+            embedded = decoder.embed(text)
+            own = decoder.model(inputs_embeds=torch.cat([embedded[:, :place], piece[None], embedded[:, place:]], 1), output_hidden_states=True).hidden_states
+            wanted = decoder.model(input_ids=torch.cat([text[:, :place], spelled_ids, text[:, place:]], 1), output_hidden_states=True).hidden_states
+        for layer in range(2):
+            a, b = own[layer + 1][0, place + len(piece):], wanted[layer + 1][0, place + spelled_ids.shape[1]:]  # the text after them
+            errors[layer] += ((a - b) ** 2).sum()
+            sizes[layer] += (b ** 2).sum()
+    return (errors / sizes).mean()
+
+
 def test_text_alignment_over_padded_rows_equals_the_loss_worked_out_row_by_row() -> None:
     decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0).eval()
     rows = [("Question: odd? Answer:", " yes", "seven"), ("Q:", "a handwritten two", "a two"), ("", "x", "nine!!")]
     batch = aligned_batch(decoder, rows)
     prefix = torch.randn(3, 4, decoder.embed_dim, requires_grad=True)  # (B, P, D)
     loss = decoder(prefix_embeds=prefix, **batch)["alignment_loss"]
-    errors, sizes = torch.zeros(2), torch.zeros(2)  # summed over rows, per layer
-    for row, (prompt, target, spelled) in enumerate(rows):
-        text = torch.tensor([decoder.prepare({"prompt": prompt, "target": target}, 64)[0]])  # (1, T): no padding
-        spelled_ids = torch.tensor([list(spelled.encode())]) + 3  # ByT5 ids are bytes + 3
-        with torch.no_grad():
-            own = decoder.model(inputs_embeds=torch.cat([prefix[row: row + 1], decoder.embed(text)], 1), output_hidden_states=True).hidden_states
-            wanted = decoder.model(input_ids=torch.cat([spelled_ids, text], 1), output_hidden_states=True).hidden_states
-        for layer in range(2):
-            a, b = own[layer + 1][0, 4:], wanted[layer + 1][0, spelled_ids.shape[1]:]  # the text after prefix / spelled text
-            errors[layer] += ((a - b) ** 2).sum()
-            sizes[layer] += (b ** 2).sum()
-    assert torch.allclose(loss, (errors / sizes).mean(), rtol=1e-5)
+    assert torch.allclose(loss, alignment_by_hand(decoder, rows, list(prefix.detach()), at=0), rtol=1e-5)  # the prefix goes first
 
 
 def test_text_alignment_refuses_data_without_spelled_text() -> None:
@@ -121,23 +131,6 @@ def test_text_alignment_refuses_data_without_spelled_text() -> None:
         decoder.collate([decoder.prepare({"prompt": "Q:", "target": "two", "spelled_text": "two"}, 64), decoder.prepare({"prompt": "Q:", "target": "x"}, 64)])
 
 
-def marked_alignment_by_hand(decoder: CausalLM, prompt: str, target: str, spelled: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per layer, the squared error and squared size of the states after `tokens` spliced in at the prompt's marker, against
-    the states after the spelled text put there instead: one row, no padding, worked out without the decoder's splicing."""
-    ids, _, positions, _ = decoder.prepare({"prompt": prompt, "target": target}, 64)
-    at = max(positions)  # the one marker the prompt has
-    text, spelled_ids = torch.tensor([ids]), torch.tensor([list(spelled.encode())]) + 3  # ByT5 ids are bytes + 3
-    with torch.no_grad():
-        embedded = decoder.embed(text)
-        own = decoder.model(inputs_embeds=torch.cat([embedded[:, :at], tokens[None], embedded[:, at:]], 1), output_hidden_states=True).hidden_states
-        wanted = decoder.model(input_ids=torch.cat([text[:, :at], spelled_ids, text[:, at:]], 1), output_hidden_states=True).hidden_states
-    errors, sizes = torch.zeros(2), torch.zeros(2)
-    for layer in range(2):
-        a, b = own[layer + 1][0, at + len(tokens):], wanted[layer + 1][0, at + spelled_ids.shape[1]:]  # the text after them
-        errors[layer], sizes[layer] = ((a - b) ** 2).sum(), (b ** 2).sum()
-    return errors, sizes
-
-
 def test_text_alignment_with_prompt_markers_puts_the_spelled_text_where_the_marker_stood() -> None:
     decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0, markers={"audio": "<audio>"}).eval()
     rows = [("Heard <audio>. Odd? Answer:", " yes", "seven"), ("Q: <audio>", "a handwritten two", "a two")]
@@ -145,9 +138,7 @@ def test_text_alignment_with_prompt_markers_puts_the_spelled_text_where_the_mark
     assert batch["marker_positions"].tolist() == [[6], [3]]  # byte tokens before each marker
     prefix = torch.randn(2, 4, decoder.embed_dim, requires_grad=True)  # (B, P, D)
     loss = decoder(prefix_embeds=prefix, **batch)["alignment_loss"]
-    parts = [marked_alignment_by_hand(decoder, p, t, s, prefix[row].detach()) for row, (p, t, s) in enumerate(rows)]
-    errors, sizes = sum(e for e, _ in parts), sum(z for _, z in parts)
-    assert torch.allclose(loss, (errors / sizes).mean(), rtol=1e-5)
+    assert torch.allclose(loss, alignment_by_hand(decoder, rows, list(prefix.detach())), rtol=1e-5)
     unmarked = decoder.collate([decoder.prepare({"prompt": p.replace("<audio>", ""), "target": t, "spelled_text": s}, 64) for p, t, s in rows])
     assert not torch.allclose(loss, decoder(prefix_embeds=prefix, **unmarked)["alignment_loss"])  # the place matters
 
@@ -159,9 +150,7 @@ def test_text_alignment_over_a_mixed_batch_leaves_out_rows_without_bridge_tokens
     batch = decoder.collate([decoder.prepare({"prompt": p, "target": t, "spelled_text": s}, 64) for p, t, s in rows])
     audio, points = torch.randn(3, decoder.embed_dim, requires_grad=True), torch.randn(5, decoder.embed_dim)  # the points bridge is frozen
     loss = decoder(prefix_embeds=RowTokens([[("audio", audio)], [("points", points)], []]), **batch)["alignment_loss"]
-    parts = [marked_alignment_by_hand(decoder, *rows[0], audio.detach()), marked_alignment_by_hand(decoder, *rows[1], points)]
-    errors, sizes = sum(e for e, _ in parts), sum(z for _, z in parts)  # the text-only row has no tokens to align
-    assert torch.allclose(loss, (errors / sizes).mean(), rtol=1e-5)
+    assert torch.allclose(loss, alignment_by_hand(decoder, rows[:2], [audio.detach(), points]), rtol=1e-5)  # the text-only row has no tokens to align
     both = decoder.collate([decoder.prepare({"prompt": "<audio> and <points>", "target": "x", "spelled_text": "x"}, 64)])
     with pytest.raises(MMAdaptError, match="carries tokens of audio, points"):
         decoder(prefix_embeds=RowTokens([[("audio", audio), ("points", points)]]), **both)
