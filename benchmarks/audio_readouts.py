@@ -2,7 +2,7 @@
 
     python benchmarks/audio_readouts.py [--untrained] [--card runs/mini-audio-qformer/card]
 
-This is the README's measurement of why the audio bridges miss their targets. Each reader gets the same frozen
+This is the measurement (docs/audio.md) of why the audio bridges miss their targets. Each reader gets the same frozen
 `fsdd-audiomae` patch tokens (B, 48, 128): it trains on FSDD's train split (indices 5-49, as the encoder did) and is
 scored on the test split (0-4). The readers are: logistic regression on the flattened tokens and on their mean;
 and two small nets trained directly with cross-entropy, an MLP over the flattened grid and attention pooling with
@@ -44,7 +44,7 @@ class AttentionPooling(nn.Module):
 
 
 def tokens_of(encoder: nn.Module, split: str) -> tuple[torch.Tensor, np.ndarray]:
-    from mmadapt.fsdd import FSDDCaptions
+    from mmadapt.data.fsdd import FSDDCaptions
 
     data = FSDDCaptions(split, style="fixed")
     inputs = torch.stack([encoder.preprocess(data[i]["audio"]) for i in range(len(data))])
@@ -118,7 +118,7 @@ def card_rows(card: str, bridge: str, train: torch.Tensor, labels: np.ndarray, t
     """The card's own caption accuracy (its eval.json) beside logistic regression on its bridge's output for the same tokens."""
     import json
 
-    from mmadapt.inference import load_card
+    from mmadapt.serve.inference import load_card
 
     node = load_card(card).eval().nodes[bridge]
     with torch.no_grad():

@@ -66,8 +66,8 @@ class StopAfterSteps(Exception):
 
 def timed_mmadapt_run(raw: dict[str, Any], total_steps: int, warmup: int) -> dict[str, Any]:
     """Train a recipe mapping with mmadapt's own Trainer and return its step times and memory."""
-    from mmadapt.train import Trainer
-    from mmadapt.validate import check_recipe
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import check_recipe
 
     recipe, plan = check_recipe(raw, "benchmark")
     seconds: list[float] = []

@@ -36,7 +36,7 @@ def sd15_folder(root: Path) -> Path:
     """SD-1.5's architecture with random weights, saved as a pipeline folder (CLIP's tokenizer from open_clip's BPE)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from mmadapt.zoo.digits_sd import assemble_pipeline, build_tokenizer, text_encoder_for
+    from mmadapt.zoo.build.digits_sd import assemble_pipeline, build_tokenizer, text_encoder_for
 
     folder = root / "sd15-random"
     if not (folder / "model_index.json").exists():
@@ -60,13 +60,13 @@ def batch_for(resolution: int, batch: int, device: str) -> tuple[torch.Tensor, l
 
 
 def run_mmadapt(folder: str, resolution: int, batch: int, steps: int, rank: int, device: str) -> list[float]:
-    """The graph's path: DiffusionDecoder with a peft LoRA adapter, as a recipe builds it."""
+    """The graph's path: DiffusionGenerator with a peft LoRA adapter, as a recipe builds it."""
     from bridges.lora import LoRA
-    from mmadapt.decoders.diffusion import DiffusionDecoder
+    from mmadapt.generators.diffusion.generator import DiffusionGenerator
 
-    decoder = DiffusionDecoder(checkpoint=folder, placeholder="sks", resolution=resolution)
+    decoder = DiffusionGenerator(checkpoint=folder, placeholder="sks", resolution=resolution)
     decoder.requires_grad_(False)
-    LoRA(r=rank, alpha=rank).apply(decoder.unet, DiffusionDecoder.adapter_modules["unet"])
+    LoRA(r=rank, alpha=rank).apply(decoder.unet, DiffusionGenerator.adapter_modules["unet"])
     decoder.to(device)
     params = [p for p in decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -102,7 +102,7 @@ def main() -> None:
         for _ in range(args.warmup + args.steps):
             seconds.append(step())  # the step ends in loss.item(), which waits for the GPU
         samples = [trainer.dataset[i] for i in range(min(64, len(trainer.dataset)))]
-        text_tokens = statistics.mean(len(trainer.model.decoder.prepare(s, trainer.cfg.max_text_tokens)[0]) for s in samples)
+        text_tokens = statistics.mean(len(trainer.model.generator.prepare(s, trainer.cfg.max_text_tokens)[0]) for s in samples)
         flops = model_flops_per_sample(trainer.model, text_tokens, args.cache)
     per_step = statistics.median(seconds[args.warmup:])
     achieved = flops * args.batch / per_step / 1e12

@@ -25,7 +25,7 @@ from common import machine, table  # noqa: E402
 
 def tokens_of(encoder: torch.nn.Module, split: str, views: int = 1) -> tuple[torch.Tensor, np.ndarray]:
     """The encoder's tokens for every sample of a `digits_points` split, as the recipe's feature cache holds them."""
-    from mmadapt.points import DigitsPoints
+    from mmadapt.data.points import DigitsPoints
 
     data = DigitsPoints(split=split, views=views)
     inputs = torch.stack([encoder.preprocess(data.cloud(i)) for i in range(len(data))])  # (N, P, 3)

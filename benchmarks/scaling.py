@@ -27,7 +27,7 @@ IMAGE_SIZES = {16: 32, 64: 64, 256: 128}  # visual tokens -> image size at patch
 
 
 def dataset_recipe(samples: int, workdir: Path) -> dict[str, Any]:
-    from mmadapt.spec import load_yaml
+    from mmadapt.core.spec import load_yaml
 
     raw = load_yaml(REPO / "recipes" / "mini" / "qformer.yaml")
     raw["data"]["limit"] = samples

@@ -125,8 +125,8 @@ def hf_stepper(family: str, size: dict[str, Any], batch: int) -> Callable[[], fl
     from torch.utils.data import DataLoader
     from transformers import CLIPImageProcessor, get_cosine_schedule_with_warmup
 
-    from mmadapt.decoders.causal_lm import IGNORE_INDEX, load_tokenizer
-    from mmadapt.digits import DigitsCaptions
+    from mmadapt.generators.causal_lm import IGNORE_INDEX, load_tokenizer
+    from mmadapt.data.digits import DigitsCaptions
 
     model = hf_model(family, size)
     tokenizer = load_tokenizer(TOKENIZER)
@@ -183,9 +183,9 @@ def hf_stepper(family: str, size: dict[str, Any], batch: int) -> Callable[[], fl
 def mmadapt_stepper(raw: dict[str, Any]) -> tuple[Callable[[], float], Any]:
     """mmadapt's Trainer, built as `mmadapt train` builds it, stepped by the body of its loop at one process and
     one micro-batch (where the token weighting is exactly 1 and the reduce a no-op), so steps can interleave."""
-    from mmadapt.data import batch_to_device
-    from mmadapt.train import Trainer, micro_batches
-    from mmadapt.validate import check_recipe
+    from mmadapt.data.collate import batch_to_device
+    from mmadapt.training.trainer import Trainer, micro_batches
+    from mmadapt.core.validate import check_recipe
 
     trainer = Trainer(*check_recipe(raw, "benchmark"))
     trainer.train_mode()

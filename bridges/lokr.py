@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmadapt.nodes import Adapter
+from mmadapt.core.nodes import Adapter
+from mmadapt.core.params import PositiveInt
 
 
 class LoKr(Adapter):
@@ -11,8 +12,8 @@ class LoKr(Adapter):
 
     def __init__(
         self,
-        r: int = 8,
-        alpha: int = 8,  # scale = alpha / r, kept in the card's peft config
+        r: PositiveInt = 8,
+        alpha: PositiveInt = 8,  # scale = alpha / r, kept in the card's peft config
         decompose_factor: int = -1,  # Kronecker factor size; -1 lets peft pick the most square split
         decompose_both: bool = False,  # low-rank the larger factor as well
         target_modules: list[str] | None = None,  # None = the node's default, else peft's

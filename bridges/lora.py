@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmadapt.nodes import Adapter
+from mmadapt.core.nodes import Adapter
+from mmadapt.core.params import Dropout, PositiveInt
 
 
 class LoRA(Adapter):
@@ -11,9 +12,9 @@ class LoRA(Adapter):
 
     def __init__(
         self,
-        r: int = 8,
-        alpha: int = 16,  # scale = alpha / r; saved in the card's peft config so it is never lost
-        dropout: float = 0.0,
+        r: PositiveInt = 8,
+        alpha: PositiveInt = 16,  # scale = alpha / r; saved in the card's peft config so it is never lost
+        dropout: Dropout = 0.0,
         target_modules: list[str] | None = None,  # e.g. [q_proj, v_proj]; None = the node's default, else peft's
         target: str | None = None,  # which inner model of the node, e.g. text_encoder; None = the node's default
     ) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmadapt.nodes import Bridge
+from mmadapt.core.nodes import Bridge
+from mmadapt.core.params import PositiveInt
 
 
 class PrefixMapper(Bridge):
     """Mean-pools its input tokens (a pooled encoder output is one token) and maps it to k tokens."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_tokens: int = 10, hidden_dim: int | None = None) -> None:
+    def __init__(self, in_dim: PositiveInt, out_dim: PositiveInt, num_tokens: PositiveInt = 10,
+                 hidden_dim: PositiveInt | None = None) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.num_tokens = in_dim, out_dim, num_tokens
         hidden = hidden_dim or out_dim

@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmadapt.nodes import Bridge
+from mmadapt.core.nodes import Bridge
+from mmadapt.core.params import PositiveInt
 
 
 class LinearProjector(Bridge):
     """One linear map per token, as LLaVA-1.0."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: PositiveInt, out_dim: PositiveInt) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
         self.proj = nn.Linear(in_dim, out_dim)
@@ -22,7 +23,8 @@ class LinearProjector(Bridge):
 class MLPProjector(Bridge):
     """LLaVA-1.5's GELU MLP; `num_layers: 2` is its mlp2x_gelu."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, num_layers: int = 2) -> None:
+    def __init__(self, in_dim: PositiveInt, out_dim: PositiveInt, hidden_dim: PositiveInt | None = None,
+                 num_layers: PositiveInt = 2) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
         hidden = hidden_dim or out_dim

@@ -1,12 +1,16 @@
 """BLIP-2's Q-Former on transformers' Blip2QFormerModel, with its weight names so BLIP-2 checkpoints load."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from mmadapt.checkpoint_io import load_prefixed_tensors
+from mmadapt.core.checkpoint_io import load_prefixed_tensors
 from mmadapt.errors import MMAdaptError
-from mmadapt.nodes import Bridge
+from mmadapt.core.nodes import Bridge
+from mmadapt.core.params import Dropout, PositiveInt
+from mmadapt.core.semantics import Finding, NodeContext, argument
 
 BLIP2_PREFIXES = ("query_tokens", "qformer.", "language_projection.")
 
@@ -19,22 +23,32 @@ class QFormer(Bridge):
     """
 
     width_input = "context"
+    source_params = {"init_from": "config.json"}
+
+    @classmethod
+    def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
+        """The attention splits hidden_size into num_heads equal parts."""
+        hidden, heads = argument(cls, params, "hidden_size"), argument(cls, params, "num_heads")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads)) or hidden % heads == 0:
+            return []  # a value of the wrong type or sign is reported from the annotations
+        return [Finding("num_heads", f"{heads} does not divide hidden_size {hidden}: each head takes hidden_size / num_heads "
+                                     f"channels (e.g. num_heads: {max(h for h in range(1, heads + 1) if hidden % h == 0)})")]
 
     def __init__(
         self,
-        in_dim: int,
-        out_dim: int,
-        num_queries: int = 32,  # BLIP-2 uses 32
-        hidden_size: int = 768,  # BERT-base width in BLIP-2
-        num_layers: int = 12,
-        num_heads: int = 12,
-        intermediate_size: int | None = None,  # defaults to 4 * hidden_size
-        cross_attention_every: int = 2,  # BLIP-2 cross-attends in every 2nd layer
-        dropout: float = 0.1,  # BLIP-2's attention and hidden dropout; tiny bridges learn faster without
+        in_dim: PositiveInt,
+        out_dim: PositiveInt,
+        num_queries: PositiveInt = 32,  # BLIP-2 uses 32
+        hidden_size: PositiveInt = 768,  # BERT-base width in BLIP-2
+        num_layers: PositiveInt = 12,
+        num_heads: PositiveInt = 12,
+        intermediate_size: PositiveInt | None = None,  # defaults to 4 * hidden_size
+        cross_attention_every: PositiveInt = 2,  # BLIP-2 cross-attends in every 2nd layer
+        dropout: Dropout = 0.1,  # BLIP-2's attention and hidden dropout; tiny bridges learn faster without
         init_from: str | None = None,  # folder or hub id of a BLIP-2 checkpoint to start from
         # N: learned position embeddings added to the N encoder tokens before cross-attention (as Video-LLaMA adds frame
         # positions), for encoders whose tokens carry little of their order. Not a BLIP-2 tensor: init_from leaves it new.
-        context_positions: int | None = None,
+        context_positions: PositiveInt | None = None,
     ) -> None:
         super().__init__()
         from transformers import Blip2QFormerConfig, Blip2QFormerModel

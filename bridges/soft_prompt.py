@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmadapt.nodes import Bridge
+from mmadapt.core.nodes import Bridge
+from mmadapt.core.params import PositiveInt
 
 
 class SoftPrompt(Bridge):
@@ -12,7 +13,7 @@ class SoftPrompt(Bridge):
 
     width_input = None
 
-    def __init__(self, out_dim: int, num_tokens: int = 8, init_std: float = 0.02) -> None:
+    def __init__(self, out_dim: PositiveInt, num_tokens: PositiveInt = 8, init_std: float = 0.02) -> None:
         super().__init__()
         self.out_dim, self.num_tokens = out_dim, num_tokens
         self.tokens = nn.Parameter(torch.randn(1, num_tokens, out_dim) * init_std)

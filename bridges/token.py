@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from mmadapt.errors import MMAdaptError
-from mmadapt.nodes import Bridge
+from mmadapt.core.nodes import Bridge
+from mmadapt.core.params import PositiveInt
 
 
 class TokenEmbedder(Bridge):
@@ -15,12 +16,12 @@ class TokenEmbedder(Bridge):
     prefix over the whole grid (recipes/mini/audio-grid.yaml). For textual inversion (a free vector, no input) use `soft_prompt`.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, num_tokens: int = 1, hidden_dim: int | None = None,
+    def __init__(self, in_dim: PositiveInt, out_dim: PositiveInt, num_tokens: PositiveInt = 1, hidden_dim: PositiveInt | None = None,
                  init_scale: float = 0.014,  # about the per-element std of CLIP's word embeddings
-                 pool_queries: int = 1,  # attention queries per output token, concatenated: one query is a weighted mean
+                 pool_queries: PositiveInt = 1,  # attention queries per output token, concatenated: one query is a weighted mean
                  # N: read the whole (N, in_dim) grid, flattened, instead of pooling it. Pooling forgets where in the
                  # clip a sound was; for fixed-length inputs (AudioMAE pads every clip to one length) the grid keeps it.
-                 input_tokens: int | None = None,
+                 input_tokens: PositiveInt | None = None,
                  ) -> None:
         super().__init__()
         if input_tokens is not None and pool_queries != 1:

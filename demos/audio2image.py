@@ -5,12 +5,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mmadapt.demo import CARDS_DIR, REPO_ROOT, Limits, as_ui_errors, check_audio, launch, load_demo_card
-from mmadapt.digits import WORDS
+from mmadapt.serve.demo import (CARDS_DIR, MODEL_QUEUE, REPO_ROOT, Limits, as_ui_errors, check_audio, guard_requests, launch,
+                          load_demo_card)
+from mmadapt.data.digits import WORDS
 from mmadapt.errors import CardError, DataError
-from mmadapt.fsdd import fsdd_available, fsdd_root
+from mmadapt.data.fsdd import fsdd_available, fsdd_root
 
-log = logging.getLogger("mmadapt.demo.audio2image")
+log = logging.getLogger("mmadapt.serve.demo.audio2image")
 DEFAULT_CARD = CARDS_DIR / "mini-audio-token"
 RECIPE = REPO_ROOT / "recipes" / "mini" / "audio-token.yaml"
 MAX_PICTURES = 4
@@ -47,13 +48,13 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
                         f"{RECIPE.relative_to(REPO_ROOT)}` and copy runs/mini-audio-token/card there, or pass --card")
     model = load_demo_card(card, "audio2image", "image", ("audio",))
     field = audio_field(model)
-    prompt = str(model.recipe.data.get("text") or model.decoder.placeholder)  # what the bridge was trained inside
-    resolution = model.decoder.resolution
+    prompt = str(model.recipe.data.get("text") or model.generator.placeholder)  # what the bridge was trained inside
+    resolution = model.generator.resolution
 
     @as_ui_errors
     def generate(audio: str | None, seed: float, steps: float, guidance: float, pictures: float,
                  progress: gr.Progress = gr.Progress()) -> list[Any]:
-        from mmadapt.inference import generate_for_samples
+        from mmadapt.serve.inference import generate_for_samples
 
         check_audio(audio, limits, "audio")
         if not 1 <= int(pictures) <= MAX_PICTURES:
@@ -79,7 +80,7 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
                 else:
                     gr.Markdown("No example clips: the FSDD recordings were not found (set MMADAPT_FSDD).")
                 with gr.Row():
-                    seed = gr.Number(0, precision=0, label="Seed")
+                    seed = gr.Number(0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed")
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                 with gr.Row():
                     guidance = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="Guidance")
@@ -88,8 +89,10 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
             with gr.Column():
                 gallery = gr.Gallery(label=f"Pictures ({resolution} px, shown enlarged)", elem_id="pictures",
                                      columns=2, height=420, format="png", interactive=False)
-        button.click(generate, [audio, seed, steps, guidance, pictures], gallery, api_name="generate")
-        demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.demo.launch passes it
+        button.click(generate, [audio, seed, steps, guidance, pictures], gallery, api_name="generate",
+                     concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+        guard_requests(demo, limits)
+        demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.serve.demo.launch passes it
         demo.demo_allowed_paths = [str(clips[0].parent)] if clips else []
     return demo
 

@@ -16,12 +16,12 @@ from typing import Any
 import gradio as gr  # at module level: Gradio resolves the handler's `gr.Request` hint in this module's globals
 from PIL import Image, ImageDraw, ImageFont
 
-from mmadapt.demo import REPO_ROOT, Limits, as_ui_errors, check_image, launch, upload_name
+from mmadapt.serve.demo import MODEL_QUEUE, REPO_ROOT, Limits, as_ui_errors, check_image, guard_requests, launch, upload_name
 from mmadapt.errors import DataError, MMAdaptError
-from mmadapt.personalize import IMAGE_SUFFIXES, MIN_IMAGES
-from mmadapt.train import Trainer
+from mmadapt.data.dreambooth import IMAGE_SUFFIXES, MIN_IMAGES
+from mmadapt.training.trainer import Trainer
 
-log = logging.getLogger("mmadapt.demo.personalize")
+log = logging.getLogger("mmadapt.serve.demo.personalize")
 RECIPES = {"lora": REPO_ROOT / "recipes" / "mini" / "personalize-lora.yaml",
            "lokr": REPO_ROOT / "recipes" / "mini" / "personalize-lokr.yaml"}
 EXAMPLE_FOLDER = REPO_ROOT / "examples" / "slanted-digits"
@@ -102,8 +102,8 @@ class Studio:
 
     def recipe_for(self, run_dir: Path, token: str, class_word: str, method: str, steps: int) -> tuple[Any, Any]:
         """The mini personalization recipe with the studio's choices, as `mmadapt personalize` fills it in."""
-        from mmadapt.spec import load_yaml
-        from mmadapt.validate import load_recipe
+        from mmadapt.core.spec import load_yaml
+        from mmadapt.core.validate import load_recipe
 
         if method not in RECIPES:
             raise DataError(f"method: {method!r} is not one of {', '.join(RECIPES)}")
@@ -118,8 +118,8 @@ class Studio:
 
     def warm_up(self) -> None:
         """Load the base once and make the shared class images now, so the first run starts training at once."""
-        from mmadapt.assemble import assemble
-        from mmadapt.data import build_dataset
+        from mmadapt.core.assemble import assemble
+        from mmadapt.data.collate import build_dataset
 
         started = time.perf_counter()
         run_dir = self.work_dir / "warm-up"
@@ -149,7 +149,7 @@ class Studio:
         records: queue.Queue[dict[str, Any]] = queue.Queue()
         stop = self.stops[session] = threading.Event()
         trainer = StudioTrainer(recipe, plan, records, stop)
-        decoder = trainer.model.decoder
+        decoder = trainer.model.generator
         filled = [p.replace("{token}", token) for p in prompt_list]
         plain = [" ".join(p.replace("{token}", before_word or "").split()) for p in prompt_list]
         before = [image for p in plain for seed in SEEDS  # the frozen base on the prompt in its own words
@@ -252,9 +252,10 @@ def build_demo(work_dir: str | Path = "runs/demo-personalize", limits: Limits | 
                                    elem_id="diffusers-export", interactive=False)
         example.click(lambda: example_files, None, files, api_name="example")
         event = start.click(train, [files, token, class_word, method, steps, prompts, before_word], [status, grid, card_zip, exported],
-                            api_name="train", concurrency_limit=1)  # one training at a time; others wait in the queue
+                            api_name="train", concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # one training at a time
         stop.click(cancel, None, status, cancels=[event], api_name="cancel", queue=False)
-        demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.demo.launch passes it
+        guard_requests(demo, limits)
+        demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.serve.demo.launch passes it
         demo.demo_allowed_paths = [str(EXAMPLE_FOLDER), str(studio.work_dir)]
     return demo
 

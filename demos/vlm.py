@@ -5,15 +5,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mmadapt.data import TEMPLATES, format_sample
-from mmadapt.demo import (CARDS_DIR, EXAMPLES_DIR, Limits, as_ui_errors, check_audio, check_card_fits_demo, check_image,
-                          image_input, launch, load_demo_card)
+from mmadapt.data.captions import TEMPLATES
+from mmadapt.core.registry import sub_sections
+from mmadapt.data.modalities import MODALITIES, modality_of
+from mmadapt.serve.demo import (CARDS_DIR, EXAMPLES_DIR, MODEL_QUEUE, Limits, as_ui_errors, check_audio, check_card_fits_demo,
+                          check_image, guard_requests, image_input, launch, load_demo_card)
 from mmadapt.errors import CardError, DataError
 
-log = logging.getLogger("mmadapt.demo.vlm")
+log = logging.getLogger("mmadapt.serve.demo.vlm")
 DEFAULT_CARD = CARDS_DIR / "mini-qformer"
 DIGIT_EXAMPLES = EXAMPLES_DIR / "digits"
-MODALITIES = ("image", "audio", "points")  # what an encoder may read for this demo to offer it a widget
 DECODING = ("greedy", "sampled")
 # The zoo's digits are 8x8: draw them large, as pixels rather than blur.
 CSS = "#vlm-input img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain} .gallery img {image-rendering: pixelated}"
@@ -24,19 +25,22 @@ def data_fields(model: Any) -> dict[str, str]:
     fields: dict[str, str] = {}
     for name, encoder in model.encoders().items():
         for refs in model.plan.inputs[name].values():
-            fields.update({r.key: encoder.modality for r in refs if r.is_data and r.key})
+            fields.update({r.key: modality_of(encoder).name for r in refs if r.is_data and r.key})
     return fields
 
 
 def read_input(modality: str, value: Any, field: str, limits: Limits) -> Any:
-    """An upload checked for its modality, in the form the card's encoder preprocesses."""
-    if modality == "image":
+    """An upload checked for its modality, in the form the card's encoder preprocesses: a picture within the demo's
+    pixel limit, a clip within its length and above silence, any other file as the modality table reads it."""
+    widget = MODALITIES[modality].widget
+    if widget == "image":
         return check_image(value, limits, field)
     if value is None:
         raise DataError(f"{field}: no {modality} given")
-    if modality == "audio":
+    if widget == "audio":
         check_audio(value, limits, field)
-    return value  # audio and point clouds: the encoder opens the checked file itself
+        return value  # the encoder decodes the checked file itself, at its own rate
+    return MODALITIES[modality].read(value)
 
 
 class CardSet:
@@ -47,14 +51,14 @@ class CardSet:
         self.refused: dict[str, str] = {}
         for card in cards:
             try:
-                check_card_fits_demo(card, "vlm", "text", MODALITIES)
+                check_card_fits_demo(card, "vlm", "text", tuple(MODALITIES))
             except CardError as exc:
                 if not self.models and not self.refused:
                     raise  # the first card is the page's own: it must fit
                 self.refused[str(card)] = str(exc)
                 log.warning("%s", exc)
                 continue
-            self.models[str(card)] = model = load_demo_card(card, "vlm", "text", MODALITIES)
+            self.models[str(card)] = model = load_demo_card(card, "vlm", "text", tuple(MODALITIES))
             warm_up(model)
         self.fields: dict[str, str] = {}
         for model in self.models.values():
@@ -82,31 +86,16 @@ def settings_of(decoding: str, temperature: float, max_tokens: float) -> dict[st
     return {"max_new_tokens": int(max_tokens), "do_sample": sampled, **({"temperature": float(temperature)} if sampled else {})}
 
 
-def data_section(model: Any, given: set[str]) -> dict[str, Any]:
-    """The data section the card trained the given inputs with: its own, or the mixture part of that modality."""
-    from mmadapt.mixture import MixtureDataset
-
-    data = model.recipe.data
-    if data.get("type") != "mixture":
-        return data
-    if not hasattr(model, "demo_part_fields"):  # which fields each part's samples carry, read once per card
-        model.demo_part_fields = MixtureDataset(data["parts"]).fields
-    for part, carried in zip(data["parts"], model.demo_part_fields):
-        if carried == given:
-            return part
-    return {"template": "instruction", "prompt": ""}  # a combination no part trained: asked as eval asks questions
-
-
 def answer(model: Any, fields: list[str], values: list[Any], question: str | None, settings: dict[str, Any], limits: Limits) -> str:
     """One generation: the card's inputs from the widgets; no question: its caption prompt, else the question in its template.
 
     A multi-modality card takes whichever of its inputs are given (at least one); a single-modality card needs its own.
     """
-    from mmadapt.inference import generate_for_samples
+    from mmadapt.serve.inference import generate_for_samples, prompt_for, section_for
 
     by_field = dict(zip(fields, values))
     own = data_fields(model)
-    mixed = model.recipe.data.get("type") == "mixture"
+    mixed = sub_sections(model.recipe.data) is not None
     sample: dict[str, Any] = {"text": "", "key": "demo", "id": 0}
     for field, modality in own.items():
         if mixed and by_field.get(field) is None:
@@ -114,13 +103,10 @@ def answer(model: Any, fields: list[str], values: list[Any], question: str | Non
         sample[field] = read_input(modality, by_field.get(field), field, limits)
     if mixed and not set(own) & set(sample):
         raise DataError(f"no input given; this card takes any of: {', '.join(own)}")
-    section = data_section(model, set(own) & set(sample))
+    section = section_for(model, set(own) & set(sample))
+    prompt = prompt_for(section, question)
     template = section.get("template", "caption")
-    if question is None:
-        prompt = format_sample(template, "", section.get("prompt", ""))[0]
-    else:
-        template = "instruction" if template == "raw" else template  # a raw prompt has no question slot: ask as eval does
-        prompt = format_sample(template, "", question)[0]
+    template = "instruction" if question and template == "raw" else template  # a raw prompt has no question slot: asked as eval does
     reply = generate_for_samples(model, [sample], prompt, **settings)[0]
     turn = "Question:" if template == "raw" else TEMPLATES[template][0].split("{prompt}")[0].strip()
     return (reply.split(turn)[0] if turn else reply).strip()  # a reply that runs on into a new turn stops there, as a chat reply would
@@ -154,12 +140,14 @@ def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = No
     def ask(card: str, question: str, history: list[dict[str, Any]] | None, *args: Any) -> tuple[list[dict[str, Any]], str]:
         values, (decoding, temperature, max_tokens) = list(args[: len(fields)]), args[len(fields):]
         model = card_set.get(card)
-        if model.recipe.data.get("template", "caption") == "caption" and model.recipe.data.get("type") != "mixture":
+        if model.recipe.data.get("template", "caption") == "caption" and sub_sections(model.recipe.data) is None:
             raise DataError(f"card {card}: it was trained with the caption template, which has no question slot")
         if not (question or "").strip():
             raise DataError("question: empty; type a question about the input")
         reply = answer(model, fields, values, question.strip(), settings_of(decoding, temperature, max_tokens), limits)
-        history = list(history or []) + [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": reply}]
+        turn = [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": reply}]
+        history = list(history or []) + turn
+        history = history[max(0, len(history) - limits.max_chat_messages):]  # the last turns: sent back within the limit
         return history, ""
 
     with gr.Blocks(analytics_enabled=False, title="mmadapt: caption and chat") as demo:
@@ -189,21 +177,24 @@ def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = No
                 question = gr.Textbox(label="Question", placeholder="Is it even?", elem_id="question")
                 ask_button = gr.Button("Ask", elem_id="ask-button")
         settings = [decoding, temperature, max_tokens]
-        card.change(switch_card, [card], widgets, api_name="switch_card")
-        caption_button.click(caption, [card, *widgets, *settings], caption_box, api_name="caption")
+        card.change(switch_card, [card], widgets, api_name="switch_card")  # no model call: outside the model's queue
+        one_queue = {"concurrency_id": MODEL_QUEUE, "concurrency_limit": 1}  # captions and questions wait in one line
+        caption_button.click(caption, [card, *widgets, *settings], caption_box, api_name="caption", **one_queue)
         ask_inputs = [card, question, chat, *widgets, *settings]
-        ask_button.click(ask, ask_inputs, [chat, question], api_name="ask")
-        question.submit(ask, ask_inputs, [chat, question], api_name=False)
-        demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.demo.launch passes it
+        ask_button.click(ask, ask_inputs, [chat, question], api_name="ask", **one_queue)
+        question.submit(ask, ask_inputs, [chat, question], api_name=False, **one_queue)
+        guard_requests(demo, limits)
+        demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.serve.demo.launch passes it
     return demo
 
 
 def input_widget(gr: Any, modality: str, field: str, visible: bool) -> Any:
-    """The widget for one data field: a picture, a recording, or any other file (e.g. a point cloud)."""
+    """The widget for one data field, as the modality table names it: a picture, a recording, or any other file."""
     label = field.capitalize() if field == modality else f"{field} ({modality})"
-    if modality == "image":
+    widget = MODALITIES[modality].widget
+    if widget == "image":
         return image_input(label=label, elem_id="vlm-input", height=256, visible=visible)
-    if modality == "audio":
+    if widget == "audio":
         return gr.Audio(type="filepath", sources=["upload", "microphone"], label=label, visible=visible)
     return gr.File(label=label, visible=visible)
 

@@ -11,10 +11,11 @@ from typing import Any
 from mmadapt.errors import MMAdaptError, RecipeError
 
 EXIT_BAD_INPUT = 2
+TRUST_HELP = "load a card whose recipe names code outside mmadapt (a dotted type:), importing it; only for cards you trust"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mmadapt.validate import load_recipe
+    from mmadapt.core.validate import load_recipe
 
     recipe, plan = load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: ok ({len(recipe.nodes)} nodes: {' -> '.join(plan.order)})")
@@ -26,9 +27,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from mmadapt.assemble import assemble
-    from mmadapt.info import node_table
-    from mmadapt.validate import load_recipe
+    from mmadapt.core.assemble import assemble
+    from mmadapt.serve.info import node_table
+    from mmadapt.core.validate import load_recipe
 
     recipe, plan = load_recipe(args.recipe, args.overrides)
     model = assemble(recipe, plan)
@@ -37,8 +38,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmadapt.train import Trainer
-    from mmadapt.validate import load_recipe
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import load_recipe
 
     recipe, plan = load_recipe(args.recipe, args.overrides)
     for note in plan.notes:
@@ -48,87 +49,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not trainer.is_main:  # one process reports; the others only trained their share
         return 0
     print(f"card: {card}")
-    from mmadapt.evaluate import is_labelled
+    from mmadapt.eval.evaluate import is_labelled, report_card
 
     if trainer.sharded:  # the test split would run on this process alone, and a sharded node needs all of them
         print(f"sharded run: evaluate the card on one process with `mmadapt eval {card}`")
     elif is_labelled(recipe.data):
-        report_digits(trainer.model, card, grid=None)
+        report_card(trainer.model, card, grid=None)
     return 0
 
 
-def report_digits(model: Any, card: Any, grid: str | None, limit: int | None = None) -> None:
-    """Evaluate a digits card on the test split, print the figures and keep them beside the card."""
-    import json
-    from pathlib import Path
-
-    from mmadapt.evaluate import caption_grid, evaluate_digits, evaluate_image_token
-
-    if model.decoder.output == "image":
-        figures = evaluate_image_token(model, limit=limit or 200)
-        print(f"test samples: {figures['samples']}")
-        print(f"referee reads the input digit in the generated picture: {figures['referee_accuracy']:.3f}")
-        print(f"per digit: {figures['per_digit']}")
-        if figures["referee_accuracy_by_group"]:
-            print(f"per group: {figures['referee_accuracy_by_group']}")
-        (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
-        return
-    from mmadapt.evaluate import labelled_parts
-
-    parts = labelled_parts(model.recipe.data)
-    if len(parts) > 1:  # a mixture: each modality measured on its own test split
-        measured = []
-        for index, part in enumerate(parts):
-            print(f"== part {index}: {part.get('type')}")
-            figures = evaluate_digits(model, limit=limit, data=part)
-            figures.pop("captions")
-            print_text_figures(figures)
-            measured.append({"data": part, **figures})
-        if limit is None:
-            (Path(card) / "eval.json").write_text(json.dumps({"parts": measured}, indent=2))
-        return
-    figures = evaluate_digits(model, limit=limit)
-    captions = figures.pop("captions")
-    print_text_figures(figures)
-    if limit is None:
-        (Path(card) / "eval.json").write_text(json.dumps(figures, indent=2))
-    if grid and model.recipe.data.get("type") == "digits_captions":
-        caption_grid(captions, Path(grid))
-        print(f"grid: {grid}")
-
-
-def print_text_figures(figures: dict[str, Any]) -> None:
-    print(f"test samples: {figures['samples']}")
-    print(f"caption accuracy: {figures['caption_accuracy']:.3f}")
-    if figures["caption_accuracy_by_group"]:
-        print(f"caption accuracy per group: {figures['caption_accuracy_by_group']}")
-    for question, value in figures["zero_shot"].items():
-        print(f"zero-shot '{question}': {value:.3f} (caption-then-answer pipeline: {figures['caption_then_answer'][question]:.3f})")
-    print(f"CIDEr: {figures['cider']:.3f}")
-    for example in figures["examples"]:
-        print(f"  e.g. {example}")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmadapt.errors import MMAdaptError
-    from mmadapt.evaluate import is_labelled
-    from mmadapt.inference import load_card
+    from mmadapt.eval.evaluate import report_card
+    from mmadapt.serve.inference import load_card
 
-    model = load_card(args.card)
-    if not is_labelled(model.recipe.data):
-        raise MMAdaptError(f"{args.card}: eval measures cards trained on labelled digits data (digits_captions, fsdd_captions, digits_points); this card trained on {model.recipe.data.get('type')}")
-    report_digits(model, args.card, grid=args.grid, limit=args.limit)
+    model = load_card(args.card, trust_code=args.trust_card_code)
+    report_card(model, args.card, grid=args.grid, limit=args.limit)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mmadapt.inference import generate_from_files, load_card
+    from mmadapt.serve.inference import generate_from_files, load_card
 
-    given = {field: files for field in ("image", "audio", "points") if (files := getattr(args, field))}
+    from mmadapt.data.modalities import MODALITIES
+
+    given = {m.field: files for m in MODALITIES.values() if (files := getattr(args, m.field))}
     if len(given) != 1:
-        raise MMAdaptError("give inputs of one kind: --image, --audio or --points (each repeatable)")
+        raise MMAdaptError(f"give inputs of one kind: {', '.join(m.flag for m in MODALITIES.values())} (each repeatable)")
     (field, files), = given.items()
-    model = load_card(args.card)
+    model = load_card(args.card, trust_code=args.trust_card_code)
     settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
     if args.sample:
         settings.update(temperature=args.temperature, top_p=args.top_p)
@@ -145,9 +93,10 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from mmadapt.personalize import list_images, personalization_report
-    from mmadapt.train import Trainer
-    from mmadapt.validate import load_recipe
+    from mmadapt.data.dreambooth import list_images
+    from mmadapt.eval.personalization import personalization_report
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import load_recipe
 
     found = len(list_images(args.images, "--images"))
     if found < 3:
@@ -177,10 +126,10 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from mmadapt.personalize import write_style_examples
+    from mmadapt.data.dreambooth import write_style_examples
 
     if args.dataset == "fsdd":
-        from mmadapt.fsdd import ENV_VAR, fetch_fsdd, recordings
+        from mmadapt.data.fsdd import ENV_VAR, fetch_fsdd, recordings
 
         root = fetch_fsdd(args.folder)
         print(f"FSDD: {len(recordings(root))} recordings in {root}; point {ENV_VAR} there or pass root: in a recipe")
@@ -192,14 +141,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a Gradio demo on the miniature zoo (or the given cards); blocks until Ctrl-C."""
-    from mmadapt.demo import Limits, demo_module
+    from mmadapt.serve.demo import TRUST_CARD_CODE, Limits, demo_module
 
-    limits = Limits(max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds)
+    TRUST_CARD_CODE["allowed"] = args.trust_card_code
+    limits = Limits(max_image_pixels=args.max_image_pixels, max_audio_seconds=args.max_audio_seconds,
+                    max_text_chars=args.max_text_chars)
     demo_module(args.name).main(args.card, host=args.host, port=args.port, share=args.share, limits=limits)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmadapt.data.modalities import MODALITIES
+
     parser = argparse.ArgumentParser(prog="mmadapt", description="Train small bridges between frozen encoders and generators.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -216,19 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     generate = sub.add_parser("generate", help="caption or answer about images, recordings or point clouds with a trained card")
     generate.add_argument("card", help="a bridge card folder")
-    generate.add_argument("--image", action="append", help="an image file (repeatable)")
-    generate.add_argument("--audio", action="append", help="a WAV/FLAC/OGG/MP3 file (repeatable)")
-    generate.add_argument("--points", action="append", help="a .npy/.ply/.xyz point cloud (repeatable)")
+    for modality in MODALITIES.values():
+        generate.add_argument(modality.flag, dest=modality.field, action="append", help=f"{modality.files} (repeatable)")
     generate.add_argument("--prompt", help="a question, filled into the card's prompt template")
     generate.add_argument("--max-new-tokens", type=int, default=24)
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--trust-card-code", action="store_true", help=TRUST_HELP)
     generate.set_defaults(handler=cmd_generate)
     evaluate = sub.add_parser("eval", help="caption accuracy, zero-shot QA and CIDEr of a digits card on the test split")
     evaluate.add_argument("card", help="a bridge card folder")
     evaluate.add_argument("--grid", help="also write a PNG grid of test digits with their captions")
     evaluate.add_argument("--limit", type=int, help="only the first N test samples (quick checks)")
+    evaluate.add_argument("--trust-card-code", action="store_true", help=TRUST_HELP)
     evaluate.set_defaults(handler=cmd_eval)
     personalize = sub.add_parser("personalize", help="DreamBooth-LoRA/LoKr on 3-5 images: a card plus its diffusers export")
     personalize.add_argument("--images", required=True, help="a folder of 3-5 images of the subject or style")
@@ -242,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("--report", action="store_true", help="also measure style and referee figures (mini world)")
     personalize.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     personalize.set_defaults(handler=cmd_personalize)
-    from mmadapt.demo import DEFAULT_HOST, DEMOS, Limits
+    from mmadapt.serve.demo import DEFAULT_HOST, DEMOS, Limits
 
     demo = sub.add_parser("demo", help="start a Gradio demo: vlm, audio2image or personalize (offline, mini zoo by default)")
     demo.add_argument("name", choices=list(DEMOS))
@@ -252,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     demo.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels, help="larger uploads are refused")
     demo.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds, help="longer clips are refused")
+    demo.add_argument("--max-text-chars", type=int, default=Limits.max_text_chars, help="longer typed text (question, prompt, word) is refused")
+    demo.add_argument("--trust-card-code", action="store_true", help=TRUST_HELP)
     demo.set_defaults(handler=cmd_demo)
     data = sub.add_parser("data", help="write example data")
     data.add_argument("dataset", choices=["slanted-digits", "fsdd"],
@@ -261,9 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StderrHandler(logging.StreamHandler):
+    """Logs to whatever sys.stderr is at each record, so `main` called in-process (tests, notebooks) never writes to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def setup_logging() -> None:
+    """One stderr handler on the root logger at INFO, added once however often `main` runs."""
+    root = logging.getLogger()
+    if not any(isinstance(h, StderrHandler) for h in root.handlers):
+        root.addHandler(StderrHandler())
+    root.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     for noisy in ("httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)

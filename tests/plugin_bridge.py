@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmadapt.nodes import Bridge
+from mmadapt.core.nodes import Bridge
 
 
 class DoubleLinear(Bridge):

@@ -26,7 +26,7 @@ def assembled(request: pytest.FixtureRequest) -> tuple[str, object]:
 def test_output_shape_and_widths_read_from_neighbours(assembled: tuple[str, object]) -> None:
     bridge, model = assembled
     node, shape = CASES[bridge]
-    outputs = model.run_nodes(batch_for(model), until_decoder=True)
+    outputs = model.run_nodes(batch_for(model), until_generator=True)
     assert tuple(outputs[node].shape) == shape
     dims = model.plan.bridge_dims[node]
     assert dims["out_dim"] == 48  # the LLM's embedding width
@@ -65,8 +65,8 @@ def test_gradients_reach_only_trainable_tensors_and_frozen_weights_stay_bit_iden
 
 
 def test_card_round_trip(assembled: tuple[str, object], tmp_path) -> None:
-    from mmadapt.card import save_card
-    from mmadapt.inference import load_card
+    from mmadapt.core.card import save_card
+    from mmadapt.serve.inference import load_card
 
     bridge, model = assembled
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import batch_for, build, tiny_recipe
-from mmadapt.card import load_card_weights, save_card
+from mmadapt.core.card import load_card_weights, save_card
 from mmadapt.errors import CardError
 
 
@@ -43,6 +43,57 @@ def test_card_on_a_different_base_says_what_differs(lora_card: tuple[object, Pat
         load_card_weights(other, folder)
 
 
+def test_a_base_with_the_same_config_and_other_weights_is_refused(lora_card: tuple[object, Path], tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from mmadapt.serve.inference import load_card
+
+    model, folder = lora_card
+    meta = json.loads((folder / "card.json").read_text())
+    assert meta["bases"]["llm"]["weights"] == model.nodes["llm"].weights_fingerprint()
+    raw = tiny_recipe("lora")
+    raw["graph"]["llm"]["seed"] = 1  # the same config, initialised from another seed
+    with pytest.raises(CardError, match=r"graph.llm: same config, other weights: the card was trained on inline-config with "
+                                        rf"weights {meta['bases']['llm']['weights']}, this graph's inline-config has weights \w+"):
+        load_card_weights(build(raw), folder)
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)  # the card's own recipe edited the same way: `mmadapt eval/generate` load through this
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["graph"]["vision"]["seed"] = 3
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(CardError, match=r"graph.vision: same config, other weights"):
+        load_card(copy)
+
+
+def test_a_recipe_whose_adapter_settings_differ_is_refused(lora_card: tuple[object, Path]) -> None:
+    _, folder = lora_card
+    raw = tiny_recipe("lora")
+    raw["graph"]["llm"]["adapters"][0]["alpha"] = 16  # same shapes: without the check this loads and scales LoRA 2x
+    with pytest.raises(CardError, match=r"graph.llm.model: adapter settings differ from the card's \(lora_alpha: \{'lora_alpha': 8\} "
+                                        r"in the card, \{'lora_alpha': 16\} here\)"):
+        load_card_weights(build(raw), folder)
+
+
+def test_a_card_written_before_weights_were_recorded_still_loads(lora_card: tuple[object, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from mmadapt.serve.inference import load_card
+
+    model, folder = lora_card
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    meta = json.loads((old / "card.json").read_text())
+    del meta["adapters"]
+    for base in meta["bases"].values():
+        del base["weights"]
+    (old / "card.json").write_text(json.dumps(meta))
+    loaded = load_card(old)
+    for key, param in model.trainable_parameters().items():
+        assert torch.equal(loaded.trainable_parameters()[key], param)
+
+
 def test_card_on_different_bridge_widths_names_the_tensors(lora_card: tuple[object, Path]) -> None:
     _, folder = lora_card
     raw = tiny_recipe("lora")
@@ -52,7 +103,7 @@ def test_card_on_different_bridge_widths_names_the_tensors(lora_card: tuple[obje
 
 
 def test_not_a_card_is_named(tmp_path: Path) -> None:
-    from mmadapt.inference import load_card
+    from mmadapt.serve.inference import load_card
 
     with pytest.raises(CardError, match="no such card folder"):
         load_card(tmp_path / "nope")
@@ -79,7 +130,7 @@ def test_lora_export_loads_with_stock_peft_and_alpha_survives(lora_card: tuple[o
 
 
 def test_card_round_trip_keeps_generation(lora_card: tuple[object, Path]) -> None:
-    from mmadapt.inference import load_card
+    from mmadapt.serve.inference import load_card
 
     model, folder = lora_card
     reloaded = load_card(folder)

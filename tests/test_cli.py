@@ -31,7 +31,7 @@ def test_train_then_generate(tmp_path: Path) -> None:
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert any("val_loss" in r for r in records)
     assert "qformer: QFormer, trainable" in result.stderr and "vision: HFVisionTower, frozen" in result.stderr
-    from mmadapt.digits import DigitsCaptions
+    from mmadapt.data.digits import DigitsCaptions
 
     image = tmp_path / "digit.png"
     DigitsCaptions("test")[0]["image"].save(image)

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO
-from mmadapt.digits import CAPTION_FORMATS, WORDS, DigitsCaptions
+from mmadapt.data.digits import CAPTION_FORMATS, WORDS, DigitsCaptions
 
 RECIPE = str(REPO / "recipes" / "mini" / "qformer.yaml")
 STEPS = 8
@@ -66,8 +66,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     sharded = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
 
-    from mmadapt.train import Trainer
-    from mmadapt.validate import load_recipe
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import load_recipe
 
     recipe, plan = load_recipe(RECIPE, overrides(data, root / "single", root / "cache", GLOBAL_BATCH))
     Trainer(recipe, plan).train()
@@ -127,8 +127,8 @@ def test_gradient_checkpointing_recomputes_frozen_llm_layers_and_keeps_the_gradi
     import torch
 
     from conftest import tiny_recipe
-    from mmadapt.train import Trainer
-    from mmadapt.validate import check_recipe
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import check_recipe
 
     grads, calls = {}, {}
     for flag in (False, True):
@@ -140,11 +140,11 @@ def test_gradient_checkpointing_recomputes_frozen_llm_layers_and_keeps_the_gradi
         counter = [0]
         hooks = [layer.mlp.register_forward_pre_hook(  # inside the layer: fires again when it is recomputed
             lambda *_: counter.__setitem__(0, counter[0] + 1)) for layer in layers]
-        from mmadapt.data import Collator
-        from mmadapt.digits import DigitsCaptions
+        from mmadapt.data.collate import collator_for
+        from mmadapt.data.digits import DigitsCaptions
 
         data = DigitsCaptions("train", style="fixed")
-        batch = Collator(trainer.model, 32)([data[i] for i in range(4)])
+        batch = collator_for(trainer.model, 32)([data[i] for i in range(4)])
         trainer.model(batch)["loss"].backward()
         for hook in hooks:
             hook.remove()

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import TINY_LMS
-from mmadapt.decoders.causal_lm import IGNORE_INDEX, CausalLM
+from mmadapt.generators.causal_lm import IGNORE_INDEX, CausalLM
 from mmadapt.errors import MMAdaptError
-from mmadapt.nodes import RowTokens
+from mmadapt.core.nodes import RowTokens
 
 
 @pytest.fixture(scope="module", params=list(TINY_LMS))
@@ -161,7 +161,7 @@ def test_text_alignment_teacher_is_the_base_lm_when_lora_trains_inside_it() -> N
     making the LM ignore its context); the student pass keeps them on, and they are on again afterwards."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from mmadapt.nodes import adapters_off
+    from mmadapt.core.nodes import adapters_off
 
     decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0).eval()
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """The Gradio demos end to end: real servers on 127.0.0.1 driven by gradio_client, and by headless Chromium."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -18,10 +19,11 @@ os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser
 
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from conftest import BROWSER_INSTALL, skip_unless_required  # noqa: E402
 
-from mmadapt.demo import EXAMPLES_DIR, REPO_ROOT, Limits, check_audio, launch  # noqa: E402
+from mmadapt.serve.demo import EXAMPLES_DIR, REPO_ROOT, Limits, check_audio, launch  # noqa: E402
 from mmadapt.errors import CardError, DataError  # noqa: E402
-from mmadapt.evaluate import named_digit  # noqa: E402
+from mmadapt.eval.evaluate import named_digit  # noqa: E402
 
 DIGITS = sorted((EXAMPLES_DIR / "digits").glob("*.png"))
 SLANTED = sorted((REPO_ROOT / "examples" / "slanted-digits").iterdir())
@@ -42,9 +44,9 @@ def serve(demo: Any) -> tuple[Any, Client]:
 
 def save_card_of(recipe: str, folder: Path) -> Path:
     """A real card of another kind (the untrained image-token graph: digits in, pictures out)."""
-    from mmadapt.assemble import assemble
-    from mmadapt.card import save_card
-    from mmadapt.validate import load_recipe
+    from mmadapt.core.assemble import assemble
+    from mmadapt.core.card import save_card
+    from mmadapt.core.validate import load_recipe
 
     return save_card(assemble(*load_recipe(str(REPO_ROOT / recipe))), folder)
 
@@ -225,7 +227,7 @@ def test_audio2image_draws_pictures_and_refuses_bad_clips(audio_demo: tuple[Any,
     _, client = audio_demo
     clips = example_clips()
     if not clips:
-        pytest.skip("the FSDD recordings are not here (set MMADAPT_FSDD)")
+        skip_unless_required("fsdd", "the FSDD recordings are not here (set MMADAPT_FSDD)")
     pictures = client.predict(handle_file(clips[7]), 0, 10, 4.0, 2, api_name="/generate")
     assert len(pictures) == 2
     assert Image.open(pictures[0]["image"]).size == (16, 16)  # the zoo's digits-sd resolution
@@ -243,17 +245,17 @@ def test_audio2image_draws_pictures_and_refuses_bad_clips(audio_demo: tuple[Any,
 def browser() -> Iterator[Any]:
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_path):
-        advice = "apt-get install chromium chromium-driver (.ci/run does it when it runs as root)"
-        if os.geteuid() == 0 and shutil.which("apt-get"):
-            pytest.fail(f"Debian's chromium and chromium-driver are missing but this is root: {advice}")
-        pytest.skip(f"needs Debian's chromium and chromium-driver, and this is not root to install them: {advice}")
+        skip_unless_required("browser", f"needs Debian's chromium and chromium-driver: {BROWSER_INSTALL}")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
-        options.add_argument(argument)  # no sandbox: CI containers run as root, where Chromium's sandbox cannot start
+    # No sandbox: CI runs as root, where Chromium's sandbox cannot start. No background networking: on a closed network
+    # Chromium's own update, sync and component requests are refused, many at a time.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000", "--disable-gpu",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(argument)
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     yield driver
     driver.quit()
@@ -320,7 +322,7 @@ def test_browser_turns_a_spoken_digit_into_a_picture(browser: Any, audio_demo: t
     demo, _ = audio_demo
     clips = example_clips()
     if not clips:
-        pytest.skip("the FSDD recordings are not here (set MMADAPT_FSDD)")
+        skip_unless_required("fsdd", "the FSDD recordings are not here (set MMADAPT_FSDD)")
     browser.get(demo.local_url)
     upload = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#audio input[type=file]"), 60)
     upload.send_keys(str(clips[7]))
@@ -328,3 +330,114 @@ def test_browser_turns_a_spoken_digit_into_a_picture(browser: Any, audio_demo: t
     browser.find_element(By.ID, "generate-button").click()
     wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#pictures img"))
     screenshot_shows(browser, browser.find_element(By.ID, "pictures"), tmp_path / "demo-audio2image.png")
+
+
+# --- bounded inputs, clean refusals, one model queue ---
+def refusals_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The demo's refusal lines, each checked to be one line without a stack."""
+    records = [r for r in caplog.records if r.name == "mmadapt.serve.demo" and r.getMessage().startswith("refused ")]
+    for record in records:
+        assert record.levelno == logging.WARNING and not record.exc_info and "\n" not in record.getMessage(), record
+    return [r.getMessage() for r in records]
+
+
+def test_vlm_refuses_long_text_and_wrong_types_with_a_message_and_one_log_line(
+        vlm: tuple[Any, Client], caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    from demos.vlm import DEFAULT_CARD
+
+    _, client = vlm
+    card, seven = str(DEFAULT_CARD), handle_file(next(p for p in DIGITS if label_of(p) == 7))
+    caplog.set_level(logging.INFO, logger="mmadapt.serve.demo")
+    capfd.readouterr()
+
+    def ask(question: Any, image: Any = seven, max_tokens: Any = 8, history: Any = None) -> Any:
+        return client.predict(card, question, history or [], image, "greedy", 1.0, max_tokens, api_name="/ask")
+
+    with pytest.raises(AppError, match=r"question: 100,000 characters; the limit is 500 \(--max-text-chars\)"):
+        ask(("Is it even? " * 8_334)[:100_000])  # the issue's 100,000 characters took the LM 14 s
+    started = time.perf_counter()
+    history, _ = ask("Is it even?")  # answered at once: the refusal held nothing
+    assert time.perf_counter() - started < 10 and "no" in history[1]["content"][0]["text"].lower()
+    cases = [
+        (lambda: ask(5), "question: expected text, got int"),
+        (lambda: ask({"text": "Is it even?"}), "question: expected text, got dict"),
+        (lambda: ask(None), "question: expected text, got None"),
+        (lambda: ask("   "), "question: empty"),  # the handler's own refusal: one line too
+        (lambda: ask("Is it even?", image="/no/such/digit.png"), r"image: expected an uploaded file \(gradio_client"),
+        (lambda: ask("Is it even?", max_tokens="lots"), "max new tokens: expected a number, got str"),
+        (lambda: ask("Is it even?", max_tokens=10**9), "max new tokens: 1000000000 is not between 1 and 64"),
+        (lambda: ask("Is it even?", history=[{"role": "user", "content": "hi"}] * 41), "chat: 41 messages; the limit is 40"),
+        (lambda: client.predict(card, seven, 3, 1.0, 8, api_name="/caption"), "decoding: expected one of greedy, sampled, got"),
+    ]
+    for request, message in cases:
+        with pytest.raises(AppError, match=message):
+            request()
+    logged = refusals_logged(caplog)
+    assert len(logged) == 1 + len(cases), logged  # exactly one line per refusal
+    assert "question: 100,000 characters" in logged[0]
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err + caplog.text
+
+
+def test_vlm_runs_one_model_call_at_a_time(vlm: tuple[Any, Client], monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import mmadapt.serve.inference
+    from demos.vlm import DEFAULT_CARD
+
+    demo, _ = vlm
+    stock, lock, active, most, calls = mmadapt.serve.inference.generate_for_samples, threading.Lock(), [0], [0], [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            active[0] += 1
+            most[0], calls[0] = max(most[0], active[0]), calls[0] + 1
+        try:
+            time.sleep(0.3)  # widen the window two overlapping calls would share
+            return stock(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(mmadapt.serve.inference, "generate_for_samples", counted)
+    captions, questions = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
+    card, image = str(DEFAULT_CARD), handle_file(DIGITS[2])
+    jobs = []
+    for _ in range(3):
+        jobs.append(captions.submit(card, image, "greedy", 1.0, 8, api_name="/caption"))
+        jobs.append(questions.submit(card, "Is it even?", [], image, "greedy", 1.0, 8, api_name="/ask"))
+    for job in jobs:
+        job.result(timeout=120)
+    assert calls[0] == 6 and most[0] == 1, (calls, most)
+
+
+def test_studio_bounds_text_and_numbers(studio: tuple[Any, Client], caplog: pytest.LogCaptureFixture,
+                                        capfd: pytest.CaptureFixture[str]) -> None:
+    _, client = studio
+    caplog.set_level(logging.INFO, logger="mmadapt.serve.demo")
+    capfd.readouterr()
+    files = [handle_file(p) for p in SLANTED]
+    cases = [(("x" * 600, "digit", 10, "a {token} two"), "token: 600 characters; the limit is 500"),
+             (("<sks>", "digit", 10, "a {token} two\n" * 100), "grid prompts: 1,400 characters; the limit is 500"),
+             (("<sks>", 7, 10, "a {token} two"), "class word: expected text, got int"),
+             (("<sks>", "digit", 10**6, "a {token} two"), "training steps: 1000000 is not between 10 and 1600")]
+    for (token, word, steps, prompts), message in cases:
+        with pytest.raises(AppError, match=message):
+            client.submit(files, token, word, "lora", steps, prompts, "handwritten", api_name="/train").result(timeout=60)
+    assert len(refusals_logged(caplog)) == len(cases)
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
+def test_audio2image_bounds_the_seed(audio_demo: tuple[Any, Client], caplog: pytest.LogCaptureFixture) -> None:
+    _, client = audio_demo
+    caplog.set_level(logging.INFO, logger="mmadapt.serve.demo")
+    with pytest.raises(AppError, match="seed: -1 is not between 0 and 2147483647"):
+        client.predict(None, -1, 10, 4.0, 1, api_name="/generate")
+    assert len(refusals_logged(caplog)) == 1
+
+
+def test_demo_cli_takes_the_text_limit() -> None:
+    from mmadapt.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "vlm", "--max-text-chars", "80"]).max_text_chars == 80
+    assert build_parser().parse_args(["demo", "vlm"]).max_text_chars == Limits().max_text_chars

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from mmadapt.assemble import assemble
-from mmadapt.card import save_card
+from mmadapt.core.assemble import assemble
+from mmadapt.core.card import save_card
 from mmadapt.errors import DataError, MMAdaptError
-from mmadapt.inference import load_card
-from mmadapt.validate import load_recipe
+from mmadapt.serve.inference import load_card
+from mmadapt.core.validate import load_recipe
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight pipeline in digits-sd's architecture, saved with save_pretrained like any SD folder."""
-    from mmadapt.zoo.digits_sd import random_pipeline
+    from mmadapt.zoo.build.digits_sd import random_pipeline
 
     folder = tmp_path_factory.mktemp("tiny-sd")
     random_pipeline(seed=0).save_pretrained(folder)
@@ -67,7 +67,7 @@ def recipe_for(tmp_path: Path, folder: Path, token: bool = True, adapter: str | 
 
 
 def write_instances(folder: Path, count: int = 3) -> Path:
-    from mmadapt.personalize import write_style_examples
+    from mmadapt.data.dreambooth import write_style_examples
 
     paths = write_style_examples(folder)
     for extra in paths[count:]:
@@ -76,7 +76,8 @@ def write_instances(folder: Path, count: int = 3) -> Path:
 
 
 def build_from(path: Path, *overrides: str) -> Any:
-    recipe, plan = load_recipe(path, list(overrides))
+    """The graph of a recipe, built as for generation: a graph with nothing to train (a stock LoRA loaded) is fine here."""
+    recipe, plan = load_recipe(path, list(overrides), for_training=False)
     return assemble(recipe, plan)
 
 
@@ -90,7 +91,7 @@ def randomize_trainables(model: Any, seed: int = 1, scale: float = 0.05) -> None
 
 def test_a_placeholder_filled_with_a_words_embedding_equals_writing_the_word(sd_folder: Path, tmp_path: Path) -> None:
     model = build_from(recipe_for(tmp_path, sd_folder, adapter=None))
-    decoder = model.decoder
+    decoder = model.generator
     seven = decoder.tokenizer("seven", add_special_tokens=False).input_ids
     assert len(seven) == 1
     row = decoder.text_encoder.get_input_embeddings().weight[seven[0]].detach()
@@ -104,7 +105,7 @@ def test_a_placeholder_filled_with_a_words_embedding_equals_writing_the_word(sd_
 
 def test_text_alignment_is_zero_exactly_when_the_token_is_the_spelled_word(sd_folder: Path, tmp_path: Path) -> None:
     """text_alignment pulls the prompt's text states toward the spelled prompt's; its minimum is the word itself."""
-    decoder = build_from(recipe_for(tmp_path, sd_folder, adapter=None)).decoder
+    decoder = build_from(recipe_for(tmp_path, sd_folder, adapter=None)).generator
     decoder.text_alignment = 0.5  # set here: this recipe's dreambooth data spells no text, so validation refuses it in the recipe
     rows = [("a handwritten <sks>", torch.zeros(3, 16, 16), 1.0, False, f"a handwritten {word}") for word in ("seven", "two")]
     batch = decoder.collate(rows)
@@ -131,7 +132,7 @@ def test_text_alignment_is_zero_exactly_when_the_token_is_the_spelled_word(sd_fo
 
 def test_context_tokens_are_appended_to_the_cross_attention_states(sd_folder: Path, tmp_path: Path) -> None:
     model = build_from(recipe_for(tmp_path, sd_folder, token=False, adapter=None, context=True))
-    decoder = model.decoder
+    decoder = model.generator
     ids = decoder.tokenize(["a handwritten two", "a handwritten three"])
     context = torch.randn(2, 2, decoder.widths()["context"])
     states = decoder.encode_text(ids, context=context)
@@ -142,12 +143,12 @@ def test_context_tokens_are_appended_to_the_cross_attention_states(sd_folder: Pa
 def test_prompts_without_the_placeholder_get_a_message(sd_folder: Path, tmp_path: Path) -> None:
     model = build_from(recipe_for(tmp_path, sd_folder, adapter=None))
     with pytest.raises(MMAdaptError, match="placeholder '<sks>'"):
-        model.decoder.encode_text(model.decoder.tokenize(["a digit"]), token_embeds=torch.zeros(1, 1, 64))
+        model.generator.encode_text(model.generator.tokenize(["a digit"]), token_embeds=torch.zeros(1, 1, 64))
 
 
 @pytest.mark.parametrize("adapter", ["lora", "lokr"])
 def test_training_moves_only_the_adapter_and_token(sd_folder: Path, tmp_path: Path, adapter: str) -> None:
-    from mmadapt.train import Trainer
+    from mmadapt.training.trainer import Trainer
 
     recipe, plan = load_recipe(recipe_for(tmp_path, sd_folder, adapter=adapter), [])
     trainer = Trainer(recipe, plan)
@@ -170,7 +171,7 @@ def test_v_prediction_and_min_snr_follow_diffusers(sd_folder: Path, tmp_path: Pa
     from diffusers.training_utils import compute_snr
 
     model = build_from(recipe_for(tmp_path, sd_folder, adapter=None), "graph.sd.snr_gamma=5.0")
-    decoder = model.decoder
+    decoder = model.generator
     timesteps = torch.tensor([1, 50, 500, 999])
     snr = compute_snr(decoder.scheduler, timesteps)
     expected = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr  # diffusers' train_text_to_image
@@ -182,7 +183,7 @@ def test_a_lora_card_exports_to_load_lora_weights_with_the_same_image(sd_folder:
     model = build_from(recipe_for(tmp_path, sd_folder, token=False))
     randomize_trainables(model)
     card = save_card(model, tmp_path / "card")
-    ours = as_array(model.decoder.generate(["a handwritten seven"], num_inference_steps=4, output_type="np", seed=3))
+    ours = as_array(model.generator.generate(["a handwritten seven"], num_inference_steps=4, output_type="np", seed=3))
     stock = stock_pipeline(sd_folder)
     plain = stock_images(stock, ["a handwritten seven"], seed=3)
     stock.load_lora_weights(str(card / "diffusers"))
@@ -195,7 +196,7 @@ def test_a_lokr_card_exports_to_load_lora_adapter_with_the_same_image(sd_folder:
     model = build_from(recipe_for(tmp_path, sd_folder, token=False, adapter="lokr"))
     randomize_trainables(model)
     card = save_card(model, tmp_path / "card")
-    ours = as_array(model.decoder.generate(["a handwritten two"], num_inference_steps=4, output_type="np", seed=1))
+    ours = as_array(model.generator.generate(["a handwritten two"], num_inference_steps=4, output_type="np", seed=1))
     stock = stock_pipeline(sd_folder)
     plain = stock_images(stock, ["a handwritten two"], seed=1)
     stock.unet.load_lora_adapter(str(card / "diffusers" / "lokr"), prefix=None, use_safetensors=True)
@@ -224,7 +225,7 @@ def test_a_lora_trained_in_diffusers_loads_onto_the_graph(sd_folder: Path, tmp_p
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from mmadapt.diffusers_export import load_diffusers_lora
+    from mmadapt.generators.diffusion.export import load_diffusers_lora
 
     elsewhere = stock_pipeline(sd_folder)
     elsewhere.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]))
@@ -237,14 +238,14 @@ def test_a_lora_trained_in_diffusers_loads_onto_the_graph(sd_folder: Path, tmp_p
     expected = stock_images(elsewhere, ["a handwritten four"], seed=5)
     model = build_from(recipe_for(tmp_path, sd_folder, token=False, adapter=None))
     load_diffusers_lora(model, tmp_path / "lora")
-    ours = as_array(model.decoder.generate(["a handwritten four"], num_inference_steps=4, output_type="np", seed=5))
+    ours = as_array(model.generator.generate(["a handwritten four"], num_inference_steps=4, output_type="np", seed=5))
     assert np.abs(ours - expected).max() < 1e-4
     with pytest.raises(MMAdaptError, match="no such LoRA"):
         load_diffusers_lora(model, tmp_path / "missing")
 
 
 def test_dreambooth_data_needs_three_images_and_makes_class_images_once(sd_folder: Path, tmp_path: Path) -> None:
-    from mmadapt.personalize import DreamBoothImages
+    from mmadapt.data.dreambooth import DreamBoothImages
 
     two = write_instances(tmp_path / "two", count=2)
     with pytest.raises(DataError, match="has 2 image\\(s\\); personalization needs at least 3"):
@@ -269,7 +270,7 @@ def test_dreambooth_data_needs_three_images_and_makes_class_images_once(sd_folde
 def test_picture_examples_count_alike_on_every_process_and_only_rank_zero_writes(sd_folder: Path, tmp_path: Path) -> None:
     """A sharded model's validation runs on every process; each must count examples alike (or the others would keep
     generating while rank 0 stops, and the gathers would hang), and only rank 0 writes the pictures."""
-    from mmadapt.train import Trainer
+    from mmadapt.training.trainer import Trainer
 
     recipe, plan = load_recipe(recipe_for(tmp_path, sd_folder, adapter=None), [])
     trainer = Trainer(recipe, plan)

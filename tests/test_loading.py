@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_LMS, TINY_VISION, build
-from mmadapt.validate import check_recipe
+from mmadapt.core.validate import check_recipe
 
 OPEN_CLIP_CFG = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 40, "layers": 3, "head_width": 20},
                  "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, train_recipe
-from mmadapt.evaluate import evaluate_digits
+from mmadapt.eval.evaluate import evaluate_digits
 
 RECIPE = REPO / "recipes" / "mini" / "qformer.yaml"
 # Measured on 2 CPU cores with these overrides (see the README): the floors sit well below the

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_LMS, TINY_VISION, build
-from mmadapt.decoders.causal_lm import IGNORE_INDEX, CausalLM
+from mmadapt.generators.causal_lm import IGNORE_INDEX, CausalLM
 from mmadapt.errors import MMAdaptError, RecipeError
-from mmadapt.nodes import RowTokens
+from mmadapt.core.nodes import RowTokens
 
 TINY_POINTS = dict(trans_dim=32, depth=1, num_heads=2, num_group=8, group_size=8, encoder_dims=24, pointnet_widths=[16, 32, 40],
                    pos_hidden=16, num_points=64)
@@ -69,8 +69,8 @@ def test_markers_put_each_source_where_the_prompt_says_and_rows_without_tokens_k
 
 
 def test_mixed_batches_train_each_bridge_on_its_own_rows_and_the_cache_gives_the_same_losses(tmp_path: Path) -> None:
-    from mmadapt.train import Trainer
-    from mmadapt.validate import check_recipe
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import check_recipe
 
     losses = {}
     for cached in (False, True):
@@ -91,13 +91,13 @@ def test_mixed_batches_train_each_bridge_on_its_own_rows_and_the_cache_gives_the
 
 
 def test_a_mixed_batch_gives_each_row_the_loss_it_has_alone(tmp_path: Path) -> None:
-    from mmadapt.data import Collator, build_dataset
+    from mmadapt.data.collate import collator_for, build_dataset
 
     model = build(joint_recipe(tmp_path)).eval()
     dataset = build_dataset(model.recipe.data)
     samples = [dataset[0], dataset[7], dataset[1]]  # image, points, image
     assert samples[1]["fields_absent"] == ["image"] and samples[0]["fields_absent"] == ["points"]
-    collate = Collator(model, max_tokens=64)
+    collate = collator_for(model, max_tokens=64)
     mixed = collate(samples)
     assert mixed["rows"] == {"vision": [0, 2], "points": [1]}
     with torch.no_grad():
@@ -108,8 +108,8 @@ def test_a_mixed_batch_gives_each_row_the_loss_it_has_alone(tmp_path: Path) -> N
 
 
 def test_a_bridge_from_another_cards_graph_loads_beside_a_new_one(tmp_path: Path) -> None:
-    from mmadapt.train import Trainer
-    from mmadapt.validate import check_recipe
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import check_recipe
 
     single = joint_recipe(tmp_path / "points-only")
     single["graph"] = {k: v for k, v in single["graph"].items() if k in ("points", "points_bridge", "llm")}
@@ -135,8 +135,8 @@ def test_a_bridge_from_another_cards_graph_loads_beside_a_new_one(tmp_path: Path
 
 
 def test_inference_skips_modalities_a_sample_lacks_but_refuses_a_sample_with_none(tmp_path: Path) -> None:
-    from mmadapt.data import build_dataset
-    from mmadapt.inference import generate_for_samples
+    from mmadapt.data.collate import build_dataset
+    from mmadapt.serve.inference import generate_for_samples
 
     model = build(joint_recipe(tmp_path)).eval()
     points_sample = build_dataset(model.recipe.data["parts"][1])[0]
@@ -149,21 +149,21 @@ def test_inference_skips_modalities_a_sample_lacks_but_refuses_a_sample_with_non
 
 def test_a_marker_places_the_tokens_of_a_graph_with_one_bridge_mid_prompt(tmp_path: Path) -> None:
     """With every row carrying the modality the bridge's output is a plain (B, P, D) batch; it still goes where the marker stood."""
-    from mmadapt.data import Collator, build_dataset
+    from mmadapt.data.collate import collator_for, build_dataset
 
     raw = joint_recipe(tmp_path)
     del raw["graph"]["points"], raw["graph"]["points_bridge"]
     raw["graph"]["llm"].update(inputs={"prefix_embeds": "image_bridge"}, markers={"image_bridge": "<image>"})
     raw["data"] = {"type": "digits_captions", "split": "train", "limit": 2, "style": "fixed", "template": "raw", "prompt": "Look: <image> Answer:"}
     model = build(raw).eval()
-    batch = Collator(model, max_tokens=64)([build_dataset(model.recipe.data)[i] for i in range(2)])
+    batch = collator_for(model, max_tokens=64)([build_dataset(model.recipe.data)[i] for i in range(2)])
     assert "rows" not in batch and batch["node_inputs"]["llm"]["marker_positions"].tolist() == [[6], [6]]  # after "Look: "
     with torch.no_grad():
         logits = model(batch)["logits"]
-        tokens = model.run_nodes(batch, until_decoder=True)["image_bridge"]  # (B, P, D)
+        tokens = model.run_nodes(batch, until_generator=True)["image_bridge"]  # (B, P, D)
         inputs = batch["node_inputs"]["llm"]
-        embeds = model.decoder.embed(inputs["input_ids"])
+        embeds = model.generator.embed(inputs["input_ids"])
         for row in range(2):
             n = int(inputs["attention_mask"][row].sum())
             by_hand = torch.cat([embeds[row, :6], tokens[row], embeds[row, 6:n]])[None]  # the tokens where "<image>" stood
-            assert torch.allclose(logits[row, : by_hand.shape[1]], model.decoder.model(inputs_embeds=by_hand).logits[0], atol=1e-5)
+            assert torch.allclose(logits[row, : by_hand.shape[1]], model.generator.model(inputs_embeds=by_hand).logits[0], atol=1e-5)

@@ -9,12 +9,13 @@ import pytest
 from PIL import Image
 
 from mmadapt.cli import main
-from mmadapt.personalize import slanted, style_score, unstyle, write_style_examples
-from mmadapt.referee import read_digits
+from mmadapt.data.dreambooth import slanted, write_style_examples
+from mmadapt.eval.personalization import style_score, unstyle
+from mmadapt.eval.referee import read_digits
 
 
 def test_the_style_score_tells_slanted_from_plain_and_the_referee_reads_through_the_slant() -> None:
-    from mmadapt.digits import digit_image, load_digits_arrays, split_indices
+    from mmadapt.data.digits import digit_image, load_digits_arrays, split_indices
 
     images, labels = load_digits_arrays()
     test = split_indices("test")[:100]

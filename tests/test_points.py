@@ -12,7 +12,7 @@ from conftest import REPO, TINY_LMS, bad_files_are_skipped_then_fail_fast, build
 from mmadapt.encoders.point_cloud import (PointBERT, PointBERTBackbone, PointBERTConfig, farthest_point_sample, group_points,
                                           knn_indices)
 from mmadapt.errors import DataError, MMAdaptError
-from mmadapt.points import DigitsPoints, PointCaptionDataset, load_point_cloud, save_ply
+from mmadapt.data.points import DigitsPoints, PointCaptionDataset, load_point_cloud, save_ply
 
 TINY_POINTS = dict(trans_dim=32, depth=2, num_heads=2, num_group=8, group_size=8, encoder_dims=24, pointnet_widths=[16, 32, 40],
                    pos_hidden=16, num_points=64)
@@ -74,15 +74,15 @@ def test_shapes_widths_and_features() -> None:
         encoder = PointBERT(config=TINY_POINTS, feature=feature, keep_cls=keep_cls).eval()
         assert encoder(clouds).shape == shape
         assert PointBERT.config_widths({"config": TINY_POINTS, "feature": feature}) == encoder.widths() == {"output": shape[-1]}
-    with pytest.raises(MMAdaptError, match="unknown point_bert config key.*num_groups"):
+    with pytest.raises(MMAdaptError, match="unknown config key 'num_groups' for PointBERTConfig \\(did you mean 'num_group'\\?\\)"):
         PointBERT(config={**TINY_POINTS, "num_groups": 4})
     with pytest.raises(MMAdaptError, match="must not exceed num_points"):
         PointBERT(config={**TINY_POINTS, "num_group": 100})
 
 
 def test_frozen_encoder_is_bit_identical_after_training_and_the_cache_gives_the_same_losses(tmp_path: Path) -> None:
-    from mmadapt.train import Trainer
-    from mmadapt.validate import check_recipe
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import check_recipe
 
     losses = {}
     for cached in (False, True):
@@ -281,7 +281,7 @@ def test_bad_files_in_a_dataset_are_skipped_and_counted_or_fail_fast(tmp_path: P
 
 
 def test_digits_points_samples_are_fixed_per_position_and_follow_the_digits_split() -> None:
-    from mmadapt.digits import WORDS, load_digits_arrays, split_indices
+    from mmadapt.data.digits import WORDS, load_digits_arrays, split_indices
 
     assert len(DigitsPoints(split="test", views=2)) == len(split_indices("test"))  # extra poses are for training only
     data = DigitsPoints(split="train", style="fixed", template="instruction", prompt="What does it show?", views=2)
@@ -303,7 +303,7 @@ def test_digits_points_samples_are_fixed_per_position_and_follow_the_digits_spli
 
 def test_zoo_member_reproduces_its_recorded_linear_probe() -> None:
     from mmadapt.zoo import ZOO_DIR
-    from mmadapt.zoo.digits_points import linear_probe, load
+    from mmadapt.zoo.build.digits_points import linear_probe, load
 
     recorded = json.loads((ZOO_DIR / "digits-points" / "quality.json").read_text())
     measured = linear_probe(load(ZOO_DIR / "digits-points"))
@@ -321,7 +321,7 @@ def test_zoo_member_reproduces_its_recorded_linear_probe() -> None:
 def test_points_recipe_reaches_its_target(tmp_path: Path) -> None:
     """Opt-in (`pytest -m slow`, about 8 min): digits-lm names the digit of at least 90% of the 300 test clouds
     (measured 92.0%; seeds 1 and 2: 91.7%, 91.3%) and answers the zero-shot questions well above chance."""
-    from mmadapt.evaluate import evaluate_digits
+    from mmadapt.eval.evaluate import evaluate_digits
 
     figures = evaluate_digits(train_recipe(REPO / "recipes" / "mini" / "points-qformer.yaml", tmp_path).model)
     assert figures["caption_accuracy"] >= 0.90

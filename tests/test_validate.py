@@ -10,16 +10,22 @@ import yaml
 
 from conftest import REPO, build, tiny_recipe
 from mmadapt.errors import RecipeError
-from mmadapt.spec import apply_overrides
-from mmadapt.validate import check_recipe, load_recipe
+from mmadapt.core.spec import apply_overrides
+from mmadapt.core.validate import check_recipe, load_recipe
 
 RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES)
 def test_every_shipped_recipe_validates(path: str) -> None:
-    recipe, plan = load_recipe(str(REPO / path))
-    assert plan.decoder is not None and len(plan.order) == len(recipe.nodes)
+    """Every shipped recipe validates, except that the hub and GPU ones lack the data and checkpoints they fetch first,
+    and multimodal-from-cards the cards other recipes make: those must be the only problems."""
+    try:
+        recipe, plan = load_recipe(str(REPO / path))
+    except RecipeError as exc:
+        assert all("is not on this machine" in p.message for p in exc.problems), str(exc)
+        return
+    assert plan.generator is not None and len(plan.order) == len(recipe.nodes)
 
 
 def problems_of(raw: dict) -> list[str]:
@@ -63,7 +69,7 @@ def test_consistent_explicit_width_is_accepted_and_inferred_ones_are_filled() ->
     assert plan.bridge_dims["qformer"] == {"in_dim": 32, "out_dim": 48}
 
 
-def test_missing_required_argument_wrong_port_cycle_and_no_decoder() -> None:
+def test_missing_required_argument_wrong_port_cycle_and_no_generator() -> None:
     raw = tiny_recipe("qformer")
     raw["graph"]["qformer"]["inputs"] = {"context": "llm", "images": "vision"}
     problems = problems_of(raw)
@@ -73,7 +79,7 @@ def test_missing_required_argument_wrong_port_cycle_and_no_decoder() -> None:
     del raw["graph"]["llm"]
     raw["graph"]["vision"].pop("config")
     problems = problems_of(raw)
-    assert any("needs exactly one decoder" in p for p in problems)
+    assert any("needs exactly one generator" in p for p in problems)
 
 
 def test_unreadable_hub_config_is_a_note_not_an_error() -> None:
@@ -146,7 +152,7 @@ def test_shard_frozen_names_frozen_nodes_only() -> None:
 
 
 def test_shard_frozen_on_one_process_keeps_the_whole_lm(tmp_path: Path) -> None:
-    from mmadapt.train import Trainer
+    from mmadapt.training.trainer import Trainer
 
     raw = tiny_recipe("qformer", output_dir=str(tmp_path / "run"))
     raw["train"]["shard_frozen"] = ["llm"]
@@ -162,11 +168,130 @@ def test_text_alignment_needs_data_that_spells_the_text_before_anything_loads() 
     raw["data"] = {"type": "image_captions", "path": "captions.jsonl"}  # a table of files and texts: no spelled_text option
     assert "data.spelled_text: graph.llm.text_alignment is set, so every training sample needs a spelled_text; image_captions " \
            "gives none (it has no spelled_text option)" in problems_of(raw)
-    raw["data"] = {"type": "mixture", "parts": [{"type": "digits_points", "split": "train", "spelled_text": "It is a {word}."},
-                                                 {"type": "digits_points", "split": "train"}]}
+    raw["data"] = {"type": "mixture", "parts": [{"type": "digits_captions", "split": "train", "spelled_text": "It is a {word}."},
+                                                 {"type": "digits_captions", "split": "train"}]}
     assert problems_of(raw) == ["data.spelled_text: graph.llm.text_alignment is set, so every training sample needs a "
-                                "spelled_text; digits_points gives none unless its spelled_text is set (e.g. spelled_text: "
+                                "spelled_text; digits_captions gives none unless its spelled_text is set (e.g. spelled_text: "
                                 "\"The picture shows a {word}.\")"]
     raw["data"]["parts"][1]["spelled_text"] = "It is a {word}."
     recipe, _ = check_recipe(raw, "good.yaml")
     assert recipe.nodes["llm"].params["text_alignment"] == 5
+
+
+# --- values against annotations (mmadapt/params.py) ---
+def test_value_checker_scalars_enums_bounds_nested_and_none() -> None:
+    from typing import Annotated, Any, Literal
+
+    from mmadapt.core.params import Dropout, OneOf, PositiveInt, Range, check
+
+    assert check(float, 3) == (3.0, None) and check(float, "3e-4") == (3e-4, None)  # YAML 1.1 reads 3e-4 as text
+    assert check(float, True)[1] == "expected float, got True" and check(int, True)[1] == "expected int, got True"
+    assert check(int, 2.0)[1] == "expected int, got 2.0" and check(str, 5)[1] == "expected str, got 5"
+    assert check(Literal["patch", "pooled"], "grid")[1] == "expected one of patch, pooled, got 'grid'"
+    assert check(Annotated[str, OneOf(("caption", "raw"))], "chat")[1] == "expected one of caption, raw, got 'chat'"
+    assert check(PositiveInt, 0)[1] == "must be >= 1, got 0" and check(PositiveInt, 1) == (1, None)
+    assert check(PositiveInt | None, None) == (None, None)
+    assert check(PositiveInt | None, "ten")[1] == "expected int, got 'ten'"
+    assert check(PositiveInt | None, -4)[1] == "must be >= 1, got -4"
+    assert check(Dropout, 1.0)[1] == "must be in [0, 1), got 1.0" and check(Dropout, 0) == (0.0, None)
+    assert check(Annotated[float, Range(0, 1)], 1) == (1.0, None)
+    assert check(list[PositiveInt], [1, 0])[1] == "item 1: must be >= 1, got 0"
+    assert check(list[str], "vision")[1] == "expected list[str], got 'vision'"
+    assert check(dict[str, list[float]], {"a": [1, "2e-1"]}) == ({"a": [1.0, 0.2]}, None)
+    assert check(dict[str, str], {"qformer": 3})[1] == "value of 'qformer': expected str, got 3"
+    assert check(dict[str, str], {1: "x"})[1] == "key 1: expected str, got 1"
+    assert check(str | list[str] | None, 5)[1] == "expected str | list[str] | None, got 5"
+    assert check(Any, object) == (object, None)
+
+
+def test_every_registered_constructor_has_annotations_the_checker_can_read() -> None:
+    import typing
+
+    from mmadapt.core.registry import ADAPTER_TYPES, DATA_TYPES, NODE_TYPES, import_dotted
+
+    for table in (NODE_TYPES, ADAPTER_TYPES, DATA_TYPES):
+        for dotted in table.values():  # a typo here would silently turn the checks off (plugins fall back to accepting)
+            assert typing.get_type_hints(import_dotted(dotted).__init__, include_extras=True), dotted
+
+
+def test_a_plugin_whose_annotations_cannot_be_evaluated_is_accepted_as_it_is() -> None:
+    from mmadapt.core.graph import constructor_problems
+
+    class Plugin:
+        def __init__(self, scale: NotImportedHere = 1) -> None:  # noqa: F821
+            self.scale = scale
+
+    assert constructor_problems(Plugin, {"scale": "anything"}, "graph.p") == []
+
+
+def test_bad_values_in_train_nodes_adapters_and_data_are_reported_at_once() -> None:
+    raw = tiny_recipe("lora")
+    raw["train"].update(lr=-1, precision="fp64", log_every=0, max_new_tokens=0, objective="mse")
+    raw["graph"]["proj"]["num_layers"] = 0
+    raw["graph"]["llm"].update(dtype="fp16", prefix_as="logits", text_alignment="high")
+    raw["graph"]["llm"]["adapters"][0].update(r="four", dropout=1.5)
+    raw["graph"]["vision"]["feature"] = "grid"
+    raw["data"].update(split="tran", template="chat", limit=0)
+    problems = problems_of(raw)
+    for expected in ("train.lr: must be > 0, got -1.0", "train.precision: expected one of fp32, bf16, fp16, got 'fp64'",
+                     "train.log_every: must be >= 1, got 0", "train.max_new_tokens: must be >= 1, got 0",
+                     "train.objective: retired: the generator decides its loss (cards may still carry 'lm', which is read and dropped); got 'mse'", "graph.proj.num_layers: must be >= 1, got 0",
+                     "graph.llm.dtype: expected one of float32, bfloat16, float16, got 'fp16'",
+                     "graph.llm.prefix_as: expected one of embeddings, token_distribution, got 'logits'",
+                     "graph.llm.text_alignment: expected float, got 'high'", "graph.llm.adapters[0].r: expected int, got 'four'",
+                     "graph.llm.adapters[0].dropout: must be in [0, 1), got 1.5",
+                     "graph.vision.feature: expected one of patch, pooled, got 'grid'",
+                     "data.split: expected one of train, val, test, got 'tran'",
+                     "data.template: expected one of caption, instruction, raw, got 'chat'", "data.limit: must be >= 1, got 0"):
+        assert expected in problems, f"{expected!r} not in {problems}"
+
+
+def test_mixture_parts_are_checked_as_data_sections_and_text_numbers_become_numbers() -> None:
+    raw = tiny_recipe("qformer")
+    raw["data"] = {"type": "mixture", "parts": [{"type": "digits_captions", "split": "train"},
+                                                 {"type": "digits_captions", "split": "tran", "style": "fancy"}]}
+    assert set(problems_of(raw)) >= {"data.parts[1].split: expected one of train, val, test, got 'tran'",
+                                     "data.parts[1].style: expected one of varied, fixed, got 'fancy'"}
+    raw = tiny_recipe("qformer")
+    raw["graph"]["qformer"]["dropout"] = "1e-1"  # YAML 1.1 reads 1e-1 (no dot) as text
+    recipe, _ = check_recipe(raw, "good.yaml")
+    assert recipe.nodes["qformer"].params["dropout"] == 0.1
+
+
+# --- recipe files and overrides ---
+TINY = REPO / "recipes" / "tiny" / "qformer-random.yaml"
+
+
+def test_a_key_written_twice_names_the_file_line_and_key(tmp_path: Path) -> None:
+    from mmadapt.core.spec import load_yaml
+
+    text = TINY.read_text().replace("  lr: 1.0e-3\n", "  lr: 1.0e-3\n  lr: 5.0e-2\n")
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    line = text.splitlines().index("  lr: 5.0e-2") + 1
+    with pytest.raises(RecipeError) as info:
+        load_yaml(path)
+    assert str(info.value.problems[0]) == f"{path}: line {line}: key 'lr' is written twice in one mapping (first on line {line - 1}); keep one"
+    path.write_text("graph: {llm: {type: causal_lm, type: qformer}}\n")
+    with pytest.raises(RecipeError, match="line 1: key 'type' is written twice"):
+        load_yaml(path)
+    path.write_text("base: &b {lr: 1.0}\ntrain:\n  <<: *b\n  lr: 2.0\n")  # a merge key may be overridden, as YAML allows
+    assert load_yaml(path)["train"] == {"lr": 2.0}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_a_recipe_that_is_not_utf8_names_its_file(tmp_path: Path, encoding: str) -> None:
+    from mmadapt.core.spec import load_yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes("name: caf\xe9\ngraph: {}\n".encode(encoding))
+    with pytest.raises(RecipeError) as info:
+        load_yaml(path)
+    assert str(info.value.problems[0]).startswith(f"{path}: not UTF-8 text (byte ")
+
+
+def test_an_override_with_bad_yaml_names_the_override() -> None:
+    with pytest.raises(RecipeError) as info:
+        apply_overrides(tiny_recipe(), ["train.lr={", "train.steps=5", "graph.qformer.num_queries=[1, 2"])
+    assert [p.field for p in info.value.problems] == ["train.lr", "graph.qformer.num_queries"]
+    assert "the value '{' is not valid YAML (expected the node content" in str(info.value.problems[0])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mmadapt.digits import load_digits_arrays, make_split, split_indices
+from mmadapt.data.digits import load_digits_arrays, make_split, split_indices
 from mmadapt.errors import MMAdaptError
 from mmadapt.zoo import ZOO_DIR, resolve_checkpoint, zoo_members
 
@@ -27,7 +27,7 @@ def test_zoo_fits_its_budget_and_resolves_by_name() -> None:
 
 
 def test_digits_clip_zero_shot_accuracy_on_the_test_split() -> None:
-    from mmadapt.zoo import digits_clip
+    from mmadapt.zoo.build import digits_clip
 
     model, preprocess, tokenizer = digits_clip.load(ZOO_DIR / "digits-clip")  # open_clip's own local-dir loader
     accuracy = digits_clip.zero_shot_accuracy(model, preprocess, tokenizer, "test")
@@ -39,7 +39,7 @@ def test_digits_clip_zero_shot_accuracy_on_the_test_split() -> None:
 def test_digits_lm_answers_from_text_context() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmadapt.zoo import digits_lm
+    from mmadapt.zoo.build import digits_lm
 
     folder = ZOO_DIR / "digits-lm"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -52,7 +52,7 @@ def test_digits_lm_answers_from_text_context() -> None:
 
 
 def test_digits_sd_draws_the_prompted_digit_through_the_stock_pipeline() -> None:
-    from mmadapt.zoo import digits_sd
+    from mmadapt.zoo.build import digits_sd
 
     folder = ZOO_DIR / "digits-sd"
     figures = digits_sd.quality(folder)  # StableDiffusionPipeline.from_pretrained(folder), judged by the SVC referee

@@ -1,1 +1,1 @@
-"""Frozen unimodal encoders; each file is one backend. Looked up through mmadapt.registry only."""
+"""Frozen unimodal encoders; each file is one backend. Looked up through mmadapt.core.registry only."""

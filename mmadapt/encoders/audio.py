@@ -1,22 +1,25 @@
 """What every audio encoder shares: reading a clip (any rate, any channels) with explicit length and silence rules."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from mmadapt.errors import DataError, MMAdaptError
-from mmadapt.identity import weights_hash
-from mmadapt.nodes import Encoder
+from mmadapt.core.identity import weights_hash
+from mmadapt.core.nodes import Encoder
+from mmadapt.core.params import Feature
+from mmadapt.data.modalities import content_key
 
-FEATURES = ("patch", "pooled")
+FEATURES = get_args(Feature)
 SUPPORTED_RATES = (4_000, 192_000)  # outside this a file is almost surely mislabelled, not real audio
-MONO_RULES = ("mix", "first")
-TOO_LONG_RULES = ("crop", "error")
+Mono = Literal["mix", "first"]  # mix: average the channels; first: keep channel 0
+TooLong = Literal["crop", "error"]
+MONO_RULES = get_args(Mono)
+TOO_LONG_RULES = get_args(TooLong)
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,7 @@ def wav_declared_frames(path: Path) -> int | None:
         return None  # float or extensible WAVs, which the stdlib reader does not parse; libsndfile checked the rest
 
 
-def audio_key(path: str | Path) -> str:
-    """Content hash of an audio file, the cache key of its features; an unreadable file gets a key that fails later."""
-    try:
-        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
-    except OSError as exc:
-        return f"unreadable:{path}:{exc.strerror}"
+audio_key = content_key  # the cache key of a clip: its bytes
 
 
 class AudioEncoder(Encoder):

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmadapt.encoders.audio import AudioEncoder, AudioRules
+from mmadapt.core.checkpoint_io import read_safetensors, read_torch_state
+from mmadapt.encoders.audio import AudioEncoder, AudioRules, Mono, TooLong
 from mmadapt.errors import MMAdaptError
-from mmadapt.identity import config_hash
+from mmadapt.core.identity import config_hash
+from mmadapt.core.params import Feature, PositiveFloat
+from mmadapt.core.semantics import Finding, NodeContext, argument, layer_finding, meta_built, readable_config, refuse_unknown_keys
 from mmadapt.zoo import resolve_checkpoint
 
 CONFIG_FILE = "audiomae_config.json"
@@ -38,11 +41,22 @@ class AudioMAEConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str) -> AudioMAEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MMAdaptError(f"{source}: unknown AudioMAE config keys {unknown}; known: {sorted(known)}")
+        refuse_unknown_keys(values, cls, source)
         return cls(**values)
+
+
+def read_audiomae_config(checkpoint: str | None, config: Any) -> AudioMAEConfig:
+    """The encoder's config without its weights: a saved folder's file under the recipe's keys, else the recipe's keys
+    over the defaults (an official .pth states none; whether it norms per token is read off its weights at load)."""
+    values = dict(config) if isinstance(config, dict) else {}
+    refuse_unknown_keys(values, AudioMAEConfig, "config")  # a typo is the recipe's, whatever file it goes over
+    folder = Path(resolve_checkpoint(checkpoint)) if checkpoint is not None else None
+    if folder is not None and folder.is_dir():
+        path = folder / CONFIG_FILE
+        if not path.is_file():
+            raise MMAdaptError(f"checkpoint '{checkpoint}': no {CONFIG_FILE} in {folder}")
+        return AudioMAEConfig.from_dict({**json.loads(path.read_text()), **values}, str(path))
+    return AudioMAEConfig.from_dict(values, "graph config")
 
 
 def map_official_state_dict(raw: dict[str, Any], source: str) -> tuple[dict[str, torch.Tensor], bool]:
@@ -66,18 +80,10 @@ def _load_source(checkpoint: str, config: dict[str, Any] | None) -> tuple[AudioM
     """Config and tensors from a saved folder (config + safetensors) or an official .pth file."""
     path = Path(resolve_checkpoint(checkpoint))
     if path.is_dir():
-        config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise MMAdaptError(f"checkpoint '{checkpoint}': no {CONFIG_FILE} in {path}")
-        cfg = AudioMAEConfig.from_dict({**json.loads(config_path.read_text()), **(config or {})}, str(config_path))
-        from safetensors.torch import load_file
-
-        return cfg, load_file(str(path / WEIGHTS_FILE)), checkpoint  # as given (zoo:NAME), not this machine's path
+        cfg = read_audiomae_config(checkpoint, config)
+        return cfg, read_safetensors(path / WEIGHTS_FILE, MMAdaptError), checkpoint  # as given (zoo:NAME), not this machine's path
     if path.is_file():
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad pickle; all mean "not a checkpoint"
-            raise MMAdaptError(f"checkpoint '{checkpoint}': cannot read it as a torch checkpoint ({exc})") from None
+        raw = read_torch_state(path, MMAdaptError, "torch checkpoint")
         state, fine_tuned = map_official_state_dict(raw, checkpoint)
         cfg = AudioMAEConfig.from_dict({"fc_norm": fine_tuned, **(config or {})}, f"graph config for {checkpoint}")
         return cfg, state, checkpoint
@@ -103,10 +109,10 @@ class AudioMAE(AudioEncoder):
         checkpoint: str | None = None,  # a saved folder (zoo:fsdd-audiomae) or an official AudioMAE .pth
         config: dict[str, Any] | None = None,  # AudioMAEConfig fields; alone: random weights (tests); with a .pth: its shape
         layer: int = -1,  # which block's patch tokens; -1 is the last, after the encoder's norm
-        feature: str = "patch",  # patch tokens or the pooled embedding
-        max_seconds: float = 10.24,  # AudioMAE's 1024 frames; longer clips are cropped or refused per too_long
-        too_long: str = "crop",  # crop | error
-        mono: str = "mix",  # mix the channels down, or keep the first
+        feature: Feature = "patch",  # patch tokens or the pooled embedding
+        max_seconds: PositiveFloat = 10.24,  # AudioMAE's 1024 frames; longer clips are cropped or refused per too_long
+        too_long: TooLong = "crop",  # crop | error
+        mono: Mono = "mix",  # mix the channels down, or keep the first
         silence_dbfs: float = -60.0,  # clips quieter than this peak are refused as silent
         seed: int = 0,  # init seed for config-built random weights, so a card can rebuild them
         load_weights: bool = True,  # false: the checkpoint's architecture with random weights (a control run)
@@ -151,14 +157,23 @@ class AudioMAE(AudioEncoder):
 
     @classmethod
     def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
-        checkpoint, config = params.get("checkpoint"), params.get("config") or {}
-        if "embed_dim" in config:
-            return {"output": int(config["embed_dim"])}
-        if checkpoint is not None:
-            path = Path(resolve_checkpoint(checkpoint)) / CONFIG_FILE
-            if path.is_file():
-                return {"output": int(json.loads(path.read_text()).get("embed_dim", AudioMAEConfig.embed_dim))}
-        return {"output": AudioMAEConfig.embed_dim}
+        return {"output": int(read_audiomae_config(params.get("checkpoint"), params.get("config")).embed_dim)}
+
+    source_params = {"checkpoint": None}  # a saved folder, zoo:NAME or an official .pth: local files only
+
+    @classmethod
+    def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
+        """`layer` picks one of the encoder's blocks (timm's forward_intermediates indices)."""
+        cfg = readable_config(lambda: read_audiomae_config(params.get("checkpoint"), params.get("config")))
+        if cfg is None or argument(cls, params, "feature") != "patch":
+            return []
+        finding = layer_finding(argument(cls, params, "layer"), -cfg.depth, cfg.depth - 1, f"the {cfg.depth} blocks of the encoder")
+        return [finding] if finding else []
+
+    @classmethod
+    def adapter_bases(cls, params: dict[str, Any]) -> dict[str, torch.nn.Module] | None:
+        cfg = readable_config(lambda: read_audiomae_config(params.get("checkpoint"), params.get("config")))
+        return None if cfg is None else {"model": meta_built(lambda: build_vit(cfg))}
 
     def widths(self) -> dict[str, int]:
         return {"output": self.out_dim}

@@ -7,11 +7,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmadapt.encoders.audio import AudioEncoder, AudioRules
-from mmadapt.encoders.hf_vision import read_config
+from mmadapt.encoders.audio import AudioEncoder, AudioRules, Mono, TooLong
+from mmadapt.core.semantics import read_config
+from mmadapt.encoders.hf_vision import hidden_states_finding
 from mmadapt.errors import MMAdaptError
-from mmadapt.identity import config_hash
-from mmadapt.nodes import WidthUnknown
+from mmadapt.core.identity import config_hash
+from mmadapt.core.nodes import WidthUnknown
+from mmadapt.core.params import Feature, PositiveFloat
+from mmadapt.core.semantics import Finding, NodeContext, argument, inline_config_findings, meta_built, readable_config
 from mmadapt.zoo import resolve_checkpoint
 
 
@@ -72,10 +75,10 @@ class HFAudioEncoder(AudioEncoder):
         checkpoint: str | None = None,  # folder or hub id: openai/whisper-*, MIT/ast-*, laion/clap-*
         config: dict[str, Any] | None = None,  # inline config with model_type: random weights, for tests
         layer: int = -1,  # index into hidden_states
-        feature: str = "patch",  # frame/patch tokens, or pooled (pooler_output where the model has one, else the mean)
-        max_seconds: float | None = None,  # longer clips are cropped or refused; default: what the extractor's input holds
-        too_long: str = "crop",  # crop | error
-        mono: str = "mix",  # mix the channels down, or keep the first
+        feature: Feature = "patch",  # frame/patch tokens, or pooled (pooler_output where the model has one, else the mean)
+        max_seconds: PositiveFloat | None = None,  # longer clips are cropped or refused; default: what the extractor's input holds
+        too_long: TooLong = "crop",  # crop | error
+        mono: Mono = "mix",  # mix the channels down, or keep the first
         silence_dbfs: float = -60.0,  # clips quieter than this peak are refused as silent
         seed: int = 0,  # init seed for config-built random weights, so a card can rebuild them
     ) -> None:
@@ -119,6 +122,28 @@ class HFAudioEncoder(AudioEncoder):
         if config.model_type not in AUDIO_TOWERS:
             raise WidthUnknown(f"model_type '{config.model_type}' is not an audio tower; known: {', '.join(AUDIO_TOWERS)}")
         return {"output": int(cls.encoder_config(config).hidden_size)}
+
+    source_params = {"checkpoint": "config.json"}
+
+    @classmethod
+    def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
+        findings = inline_config_findings(params.get("config"))
+        config = readable_config(lambda: read_config(params.get("checkpoint"), params.get("config")))
+        if config is not None and config.model_type in AUDIO_TOWERS and argument(cls, params, "feature") == "patch":
+            finding = hidden_states_finding(argument(cls, params, "layer"), cls.encoder_config(config))
+            findings += [finding] if finding else []
+        return findings
+
+    @classmethod
+    def adapter_bases(cls, params: dict[str, Any]) -> dict[str, torch.nn.Module] | None:
+        import transformers
+
+        config = readable_config(lambda: read_config(params.get("checkpoint"), params.get("config")))
+        if config is None or config.model_type not in AUDIO_TOWERS:
+            return None
+        tower = AUDIO_TOWERS[config.model_type]
+        model = meta_built(lambda: getattr(transformers, tower.model_class)._from_config(config))
+        return {"model": getattr(model, tower.part) if tower.part else model}
 
     def widths(self) -> dict[str, int]:
         return {"output": self.out_dim}

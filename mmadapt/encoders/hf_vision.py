@@ -6,9 +6,10 @@ from typing import Any
 import torch
 
 from mmadapt.encoders.image import ImageEncoder
-from mmadapt.errors import MMAdaptError
-from mmadapt.identity import config_hash
-from mmadapt.nodes import WidthUnknown
+from mmadapt.core.identity import config_hash
+from mmadapt.core.params import Feature
+from mmadapt.core.semantics import (Finding, read_config, NodeContext, argument, inline_config_findings, layer_finding, meta_built,
+                               readable_config)
 from mmadapt.zoo import resolve_checkpoint
 
 
@@ -24,29 +25,24 @@ def _tower_classes() -> dict[str, type]:
     }
 
 
-def read_config(checkpoint: str | None, config: dict[str, Any] | None) -> Any:
-    """A transformers config from a folder/hub id (no weights) or from an inline dict with `model_type`."""
-    from transformers import AutoConfig
-
-    if (checkpoint is None) == (config is None):
-        raise MMAdaptError("give exactly one of checkpoint (a folder, hub id or zoo:NAME) or config (with model_type)")
-    if config is not None:
-        config = dict(config)
-        model_type = config.pop("model_type", None)
-        if model_type is None:
-            raise MMAdaptError("an inline config needs a model_type, e.g. clip_vision_model or llama")
-        try:
-            return AutoConfig.for_model(model_type, **config)
-        except (ValueError, TypeError) as exc:
-            raise MMAdaptError(f"inline config: {exc}") from None
-    try:
-        return AutoConfig.from_pretrained(resolve_checkpoint(checkpoint))
-    except OSError as exc:
-        raise WidthUnknown(f"cannot read the config of '{checkpoint}': {str(exc).splitlines()[0]}") from None
-
-
 def vision_part(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config
+
+
+def tower_class(full_config: Any) -> Any:
+    """The class that builds the tower: the vision half of a dual-tower family, else AutoModel (any vision backbone)."""
+    from transformers import AutoModel
+
+    return _tower_classes().get(full_config.model_type) or AutoModel
+
+
+def hidden_states_finding(layer: Any, config: Any) -> Finding | None:
+    """`layer` indexes hidden_states: the embeddings, then one entry per transformer layer."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        return None
+    what = f"the {layers + 1} hidden_states of a {layers}-layer tower (the embeddings, then each layer)"
+    return layer_finding(layer, -(layers + 1), layers, what)
 
 
 class HFVisionTower(ImageEncoder):
@@ -57,7 +53,7 @@ class HFVisionTower(ImageEncoder):
         checkpoint: str | None = None,  # folder or hub id of a vision or dual-tower model, or zoo:NAME
         config: dict[str, Any] | None = None,  # inline config with model_type: random weights, for tests
         layer: int = -2,  # index into hidden_states; -2 is LLaVA's vision_feature_layer
-        feature: str = "patch",  # patch tokens (B, N, D) or pooler_output as (B, 1, D)
+        feature: Feature = "patch",  # patch tokens (B, N, D) or pooler_output as (B, 1, D)
         keep_cls: bool = False,  # keep the class token (LLaVA's "full" strategy) instead of dropping it
         seed: int = 0,  # init seed for config-built random weights, so a card can rebuild them
         attn_implementation: str = "sdpa",  # transformers attention backend
@@ -68,9 +64,7 @@ class HFVisionTower(ImageEncoder):
         self.source = checkpoint or "inline-config"
         full_config = read_config(checkpoint, config)
         self.config = vision_part(full_config)
-        tower_cls = _tower_classes().get(full_config.model_type)
-        if tower_cls is None:
-            from transformers import AutoModel as tower_cls  # noqa: N813 - any vision backbone
+        tower_cls = tower_class(full_config)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if checkpoint is not None:
@@ -106,10 +100,30 @@ class HFVisionTower(ImageEncoder):
     def transform_description(self) -> str:
         return repr(sorted(self.processor.to_dict().items()))
 
+    source_params = {"checkpoint": "config.json"}
+
     @classmethod
     def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
         config = vision_part(read_config(params.get("checkpoint"), params.get("config")))
         return {"output": int(config.hidden_size)}
+
+    @classmethod
+    def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
+        findings = inline_config_findings(params.get("config"))
+        config = readable_config(lambda: vision_part(read_config(params.get("checkpoint"), params.get("config"))))
+        if config is not None and argument(cls, params, "feature") == "patch":
+            finding = hidden_states_finding(argument(cls, params, "layer"), config)
+            findings += [finding] if finding else []
+        return findings
+
+    @classmethod
+    def adapter_bases(cls, params: dict[str, Any]) -> dict[str, torch.nn.Module] | None:
+        full = readable_config(lambda: read_config(params.get("checkpoint"), params.get("config")))
+        if full is None:
+            return None
+        tower_cls = tower_class(full)
+        build = getattr(tower_cls, "from_config", None) or tower_cls._from_config
+        return {"model": meta_built(lambda: build(vision_part(full)))}
 
     def widths(self) -> dict[str, int]:
         return {"output": self.out_dim}

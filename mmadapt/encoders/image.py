@@ -1,28 +1,18 @@
 """What every image encoder shares: image loading, the feature choice and the cache identity."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mmadapt.errors import DataError, MMAdaptError
-from mmadapt.identity import weights_hash
-from mmadapt.nodes import Encoder, each_or_error
+from mmadapt.core.identity import weights_hash
+from mmadapt.core.nodes import Encoder, each_or_error
+from mmadapt.core.params import Feature
+from mmadapt.data.modalities import open_image
 
-FEATURES = ("patch", "pooled")
-
-
-def open_image(source: str | Path | Image.Image) -> Image.Image:
-    """Open an image as RGB; an unreadable file raises DataError naming it."""
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"{source}: not a readable image ({exc})") from None
+FEATURES = get_args(Feature)
 
 
 class ImageEncoder(Encoder):

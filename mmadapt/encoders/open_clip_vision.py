@@ -9,8 +9,10 @@ import torch
 
 from mmadapt.encoders.image import ImageEncoder
 from mmadapt.errors import MMAdaptError
-from mmadapt.identity import config_hash
-from mmadapt.nodes import WidthUnknown
+from mmadapt.core.identity import config_hash
+from mmadapt.core.nodes import WidthUnknown
+from mmadapt.core.params import Feature
+from mmadapt.core.semantics import Finding, NodeContext, argument, config_key_findings, layer_finding, meta_built, readable_config
 from mmadapt.zoo import resolve_checkpoint
 
 
@@ -46,7 +48,7 @@ class OpenCLIPVision(ImageEncoder):
         pretrained: str | None = None,  # its pretrained tag (downloads), e.g. openai
         config: dict[str, Any] | None = None,  # inline model config: random weights, for tests
         layer: int = -2,  # which block's patch tokens; -2 is the penultimate, as LLaVA uses
-        feature: str = "patch",  # patch tokens (B, N, width) or the pooled embedding (B, 1, embed_dim)
+        feature: Feature = "patch",  # patch tokens (B, N, width) or the pooled embedding (B, 1, embed_dim)
         keep_cls: bool = False,  # keep the class token in front of the patch tokens
         seed: int = 0,  # init seed for config-built random weights, so a card can rebuild them
         load_weights: bool = True,  # false: the checkpoint's architecture with random weights (a control run)
@@ -83,6 +85,32 @@ class OpenCLIPVision(ImageEncoder):
         if "width" not in vision:
             raise WidthUnknown("a timm-based tower states no width in its config")
         return {"output": int(vision["width"])}
+
+    source_params = {"checkpoint": None}  # a local folder (open_clip_config.json) or zoo:NAME; hub weights come by `model`
+
+    @classmethod
+    def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
+        """Inline config keys against open_clip's CLIP and its vision/text config classes; `layer` within the blocks."""
+        import open_clip
+
+        findings = config_key_findings(params.get("config"), open_clip.model.CLIP,
+                                       sub_configs={"vision_cfg": open_clip.model.CLIPVisionCfg, "text_cfg": open_clip.model.CLIPTextCfg})
+        cfg = readable_config(lambda: _model_config(params.get("checkpoint"), params.get("model"), params.get("config")))
+        layers = (cfg.get("vision_cfg") or {}).get("layers") if isinstance(cfg, dict) else None
+        if isinstance(layers, int) and argument(cls, params, "feature") == "patch":
+            finding = layer_finding(argument(cls, params, "layer"), -layers, layers - 1, f"the {layers} blocks of the tower")
+            findings += [finding] if finding else []
+        return findings
+
+    @classmethod
+    def adapter_bases(cls, params: dict[str, Any]) -> dict[str, torch.nn.Module] | None:
+        import open_clip
+
+        cfg = readable_config(lambda: _model_config(params.get("checkpoint"), params.get("model"), params.get("config")))
+        try:
+            return None if cfg is None else {"visual": meta_built(lambda: open_clip.model.CLIP(**cfg).visual)}
+        except (TypeError, ValueError, RuntimeError):
+            return None  # a model family CLIP(**cfg) does not build (custom text towers): left to load time
 
     def widths(self) -> dict[str, int]:
         return {"output": self.out_dim}

@@ -10,11 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmadapt.core.checkpoint_io import read_safetensors, read_torch_state
 from mmadapt.encoders.image import FEATURES
 from mmadapt.errors import DataError, MMAdaptError
-from mmadapt.identity import config_hash, weights_hash
-from mmadapt.nodes import Encoder
-from mmadapt.points import check_cloud, load_point_cloud, normalize_unit_sphere, resample
+from mmadapt.core.identity import config_hash, weights_hash
+from mmadapt.core.nodes import Encoder
+from mmadapt.core.params import Feature
+from mmadapt.data.points import check_cloud, load_point_cloud, normalize_unit_sphere, resample
+from mmadapt.core.semantics import meta_built, readable_config, refuse_unknown_keys
 from mmadapt.zoo import resolve_checkpoint
 
 CONFIG_FILE = "point_bert_config.json"
@@ -40,10 +43,7 @@ class PointBERTConfig:
 
     @classmethod
     def build(cls, values: dict[str, Any], where: str) -> PointBERTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MMAdaptError(f"{where}: unknown point_bert config key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+        refuse_unknown_keys(values, cls, where)
         values = dict(values)
         if "pointnet_widths" in values:
             values["pointnet_widths"] = tuple(int(w) for w in values["pointnet_widths"])
@@ -60,6 +60,7 @@ class PointBERTConfig:
 def read_config(checkpoint: str | None, config: dict[str, Any] | None) -> PointBERTConfig:
     """Point-BERT's defaults, then a checkpoint folder's point_bert_config.json, then the recipe's inline `config`."""
     values: dict[str, Any] = {}
+    refuse_unknown_keys(config if isinstance(config, dict) else {}, PointBERTConfig, "config")  # a typo is the recipe's
     if checkpoint is not None:
         folder = Path(resolve_checkpoint(checkpoint))
         if folder.is_dir():
@@ -219,13 +220,8 @@ def map_point_bert_keys(state: dict[str, Any], source: str) -> dict[str, torch.T
 def read_state(path: Path) -> dict[str, Any]:
     """Tensors of a .safetensors file or of a torch checkpoint, loaded without unpickling code."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several kinds for corrupt or code-carrying files
-        raise MMAdaptError(f"{path}: cannot read as a torch checkpoint ({str(exc).splitlines()[0]})") from None
+        return read_safetensors(path, MMAdaptError)
+    return read_torch_state(path, MMAdaptError, "torch checkpoint")
 
 
 def load_backbone_weights(backbone: PointBERTBackbone, state: dict[str, Any], source: str) -> None:
@@ -283,7 +279,7 @@ class PointBERT(Encoder):
         self,
         checkpoint: str | None = None,  # folder with point_bert_config.json + model.safetensors, zoo:NAME, or a Point-BERT/ULIP .pth
         config: dict[str, Any] | None = None,  # architecture keys over the checkpoint's (a .pth states none); alone: random weights
-        feature: str = "patch",  # patch: group tokens (B, G, trans_dim); pooled: [class, max over groups] as (B, 1, 2 x trans_dim)
+        feature: Feature = "patch",  # patch: group tokens (B, G, trans_dim); pooled: [class, max over groups] as (B, 1, 2 x trans_dim)
         keep_cls: bool = False,  # patch only: the class token in front, (B, 1 + G, D), as PointLLM feeds its projector
         seed: int = 0,  # init seed for random weights, so a card can rebuild them
         load_weights: bool = True,  # false: the checkpoint's architecture with random weights (a control run)
@@ -314,6 +310,13 @@ class PointBERT(Encoder):
     def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
         config = read_config(params.get("checkpoint"), params.get("config"))
         return {"output": config.trans_dim * (2 if params.get("feature", "patch") == "pooled" else 1)}
+
+    source_params = {"checkpoint": None}  # a saved folder, zoo:NAME or a Point-BERT/ULIP .pth: local files only
+
+    @classmethod
+    def adapter_bases(cls, params: dict[str, Any]) -> dict[str, torch.nn.Module] | None:
+        config = readable_config(lambda: read_config(params.get("checkpoint"), params.get("config")))
+        return None if config is None else {"model": meta_built(lambda: PointBERTBackbone(config))}
 
     def widths(self) -> dict[str, int]:
         return {"output": self.out_dim}

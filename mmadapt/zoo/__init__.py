@@ -9,7 +9,8 @@ ZOO_DIR = Path(__file__).resolve().parent
 
 
 def zoo_members() -> list[str]:
-    return sorted(p.name for p in ZOO_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    """Each member folder carries the quality.json its builder measured; build/ (the builders) does not."""
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "quality.json").is_file())
 
 
 def resolve_checkpoint(checkpoint: str) -> str:
@@ -18,6 +19,6 @@ def resolve_checkpoint(checkpoint: str) -> str:
         return checkpoint
     name = checkpoint[len("zoo:"):]
     folder = ZOO_DIR / name
-    if not folder.is_dir():
+    if name not in zoo_members():
         raise MMAdaptError(f"'{checkpoint}' is not in the miniature zoo; members: {', '.join(zoo_members()) or 'none'}")
     return str(folder)

@@ -1,1 +1,0 @@
-"""Frozen generators; each file is one backend. Looked up through mmadapt.registry only."""

@@ -1,0 +1,1 @@
+"""Evaluation: the digits figures, the referee, and the personalization report."""

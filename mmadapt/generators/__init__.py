@@ -1,0 +1,1 @@
+"""Frozen generators: each kind owns its data, objectives, generation, evaluation hook and exports."""

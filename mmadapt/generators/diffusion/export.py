@@ -1,0 +1,89 @@
+"""Card exports that stock diffusers pipelines load: LoRA, LoKr, and textual-inversion embeddings; and the reverse import."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mmadapt.core.nodes import peft_config_of
+from mmadapt.errors import CardError
+from mmadapt.core.model import AssembledModel
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for first
+TEXTUAL_INVERSION = "learned_embeds.safetensors"  # the file name load_textual_inversion looks for first
+
+
+def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
+    """Write what `StableDiffusionPipeline` loads: LoRA via save_lora_weights (alpha kept in its metadata), LoKr via
+    the U-Net's save_lora_adapter into `lokr/`, a static token via the textual-inversion layout. Returns what was written."""
+    from peft import LoKrConfig, LoraConfig
+
+    generator = model.generator
+    written: list[str] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    lora: dict[str, Any] = {}
+    for inner in ("unet", "text_encoder"):
+        module = getattr(generator, inner)
+        config = peft_config_of(module)
+        if isinstance(config, LoraConfig):
+            from peft.utils import get_peft_model_state_dict
+
+            # peft's own key names, unconverted: diffusers reads a whole file as peft when its keys are, while its
+            # converter renames attention keys only, so a mixed target set came out half renamed and half dropped
+            state = get_peft_model_state_dict(module)
+            lora[f"{inner}_lora_layers"] = state if inner == "unet" else text_encoder_keys(state)
+            lora[f"{inner}_lora_adapter_metadata"] = config.to_dict()  # without it, alpha != r reloads as alpha = r
+        elif isinstance(config, LoKrConfig):
+            if inner != "unet":
+                raise CardError("LoKr export covers the U-Net only; diffusers has no LoKr loader for the text encoder")
+            module.save_lora_adapter(str(folder / "lokr"), safe_serialization=True)
+            written.append("lokr/")
+    if lora:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(str(folder), weight_name=LORA_WEIGHTS, safe_serialization=True, **lora)
+        written.append(LORA_WEIGHTS)
+    token = static_token(model)
+    if token is not None:
+        save_file({generator.placeholder: token}, str(folder / TEXTUAL_INVERSION))
+        written.append(TEXTUAL_INVERSION)
+    if not written:  # e.g. an AudioToken card: a per-sample token has nothing stock diffusers could load
+        folder.rmdir()
+    return written
+
+
+def text_encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft keys in the one layout diffusers' text-encoder loader reads for every module (`lora_linear_layer.up/down`):
+    it renames peft keys of attention only, then needs a renamed key to tell the format, so an MLP-only LoRA failed."""
+    return {k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+            for k, v in state.items()}
+
+
+def static_token(model: AssembledModel) -> torch.Tensor | None:
+    """(K, D) embeddings of an input-free bridge wired to the placeholder (textual inversion), else None."""
+    refs = model.plan.inputs[model.generator_name].get("token_embeds", [])
+    sources = [r.source for r in refs if not r.is_data]
+    if len(sources) != 1 or model.plan.inputs[sources[0]]:
+        return None  # a per-sample token (AudioToken) has no single embedding to export
+    with torch.no_grad():
+        return model.nodes[sources[0]](batch_size=1)[0].detach().float().cpu().contiguous()
+
+
+def load_diffusers_lora(model: AssembledModel, path: str | Path) -> None:
+    """Put a LoRA trained elsewhere in diffusers' format onto the graph's U-Net (and text encoder) for generation."""
+
+    path = Path(path)
+    if not path.exists():  # diffusers' own message for a missing folder offline talks about weight_name
+        raise CardError(f"{path}: no such LoRA file or folder")
+    from mmadapt.core.checkpoint_io import read_safetensors
+
+    for weights in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+        read_safetensors(weights)  # a pickle, a cut-short file or a lying header: CardError naming the file
+    pipeline = model.generator.sampling_pipeline()
+    kwargs = {"weight_name": path.name} if path.is_file() else {}
+    try:
+        pipeline.load_lora_weights(str(path.parent if path.is_file() else path), **kwargs)
+    except (ValueError, OSError, KeyError) as exc:
+        raise CardError(f"{path}: not a diffusers LoRA this pipeline accepts ({str(exc).splitlines()[0]})") from None

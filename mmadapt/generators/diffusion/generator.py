@@ -1,0 +1,375 @@
+"""A frozen text-to-image diffusion stack (diffusers U-Net, VAE, scheduler + CLIP text encoder) as the graph's generator."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, get_args
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmadapt.errors import MMAdaptError
+from mmadapt.core.identity import config_hash
+from mmadapt.core.generator import Generator
+from mmadapt.core.nodes import RowTokens, adapters_off
+from mmadapt.core.params import Dtype, NonNegativeFloat, PositiveFloat, PositiveInt
+from mmadapt.core.semantics import meta_built
+from mmadapt.zoo import resolve_checkpoint
+
+DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}
+
+
+def read_pipeline_config(checkpoint: str, subfolder: str) -> dict[str, Any] | None:
+    """A component's config from a pipeline folder or a cached hub id, without loading weights; None if unreadable."""
+    from diffusers import UNet2DConditionModel
+
+    try:  # load_config reads any component's config.json; the class only names the file
+        return dict(UNet2DConditionModel.load_config(resolve_checkpoint(checkpoint), subfolder=subfolder))
+    except (OSError, ValueError, MMAdaptError):
+        return None
+
+
+@contextlib.contextmanager
+def substituted_embeddings(embedding: torch.nn.Embedding, mask: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
+    """While active, the token embedding's output at `mask` positions is `vectors` (one row per True, in order).
+
+    A forward hook on the stock nn.Embedding: CLIPTextModel (transformers 5) takes no `inputs_embeds`, and a hook
+    keeps its own forward (causal mask, positions, final norm) untouched rather than copying it here.
+    """
+    def replace(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[mask] = vectors.to(output.dtype)
+        return output
+
+    handle = embedding.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class DiffusionGenerator(Generator):
+    """Noise (or v) prediction loss on a frozen Stable-Diffusion-layout pipeline; bridges condition its text path.
+
+    Bridge inputs: `token_embeds` (B, K, D) replace the K placeholder tokens of the prompt in the text encoder's
+    input (AudioToken, textual inversion); `context` (B, M, D) is appended to the text encoder's output that the
+    U-Net cross-attends to. LoRA/LoKr adapters target `unet` (the default) or `text_encoder`.
+    """
+
+    default_inputs = {"input_ids": "data.input_ids", "pixel_values": "data.pixel_values", "loss_weight": "data.loss_weight",
+                      "prior": "data.prior", "spelled_ids": "data.spelled_ids"}
+    adapter_target = "unet"
+    output = "image"
+    evaluation = "mmadapt.eval.evaluate.report_images"
+    adapter_modules = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+
+    def __init__(
+        self,
+        checkpoint: str,  # a diffusers pipeline folder or hub id with the SD 1.x/2.x layout, or zoo:NAME
+        placeholder: str = "<*>",  # the prompt word a token bridge stands in for; added to the tokenizer if new
+        placeholder_vectors: PositiveInt = 1,  # K: the placeholder becomes K tokens, one per bridge output token
+        placeholder_init: str | None = None,  # a word whose embedding initialises a new placeholder row (e.g. the class word)
+        snr_gamma: PositiveFloat | None = None,  # min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value
+        resolution: PositiveInt | None = None,  # training image size; defaults to the U-Net's sample size times the VAE factor
+        dtype: Dtype = "float32",  # weights dtype of the frozen parts
+        # Weight of a second loss: the text encoder's states for the prompt with the bridge's token(s) are pulled toward
+        # its states for the sample's `spelled_text` (the same prompt with words where the placeholder is). The diffusion
+        # loss reaches a token bridge only through a noisy U-Net residual; this is a direct signal. 0: diffusion loss alone.
+        text_alignment: NonNegativeFloat = 0.0,
+    ) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if dtype not in DTYPES:
+            raise MMAdaptError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if placeholder_vectors < 1:
+            raise MMAdaptError(f"placeholder_vectors must be at least 1, got {placeholder_vectors}")
+        if text_alignment < 0:
+            raise MMAdaptError(f"text_alignment must be 0 or more, got {text_alignment}")
+        self.text_alignment = text_alignment
+        self.source = checkpoint
+        folder = resolve_checkpoint(checkpoint)
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+            self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=DTYPES[dtype])
+            self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=DTYPES[dtype])
+            self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=DTYPES[dtype])
+            self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")  # training noise, from the pipeline's schedule
+        except (OSError, ValueError) as exc:
+            raise MMAdaptError(f"cannot load the diffusion pipeline '{checkpoint}': {str(exc).splitlines()[0]}") from None
+        self.folder = folder
+        self.placeholder, self.placeholder_vectors = placeholder, placeholder_vectors
+        self.placeholder_ids = self._add_placeholder(placeholder, placeholder_vectors, placeholder_init)
+        self.snr_gamma = snr_gamma
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = resolution or self.unet.config.sample_size * self.vae_scale
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # --- the placeholder: one new row per vector, or an existing word when the tokenizer already has it ---
+    def _add_placeholder(self, placeholder: str, count: int, init_word: str | None) -> list[int]:
+        tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, count)]  # diffusers' multi-vector naming
+        existing = [t for t in tokens if t in self.tokenizer.get_vocab()]
+        if len(existing) == len(tokens):
+            return self.tokenizer.convert_tokens_to_ids(tokens)
+        self.tokenizer.add_tokens(tokens)
+        table = self.text_encoder.get_input_embeddings()
+        old_rows = table.weight.shape[0]
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        table = self.text_encoder.get_input_embeddings()
+        with torch.no_grad():  # a new row is only a slot a bridge fills; init from a word keeps the plain prompt sensible
+            init = table.weight[:old_rows].mean(0)
+            if init_word is not None:  # a word of several tokens gives their mean (diffusers' script insists on one)
+                init_ids = self.tokenizer(init_word, add_special_tokens=False).input_ids
+                if not init_ids:
+                    raise MMAdaptError(f"placeholder_init '{init_word}' has no tokens")
+                init = table.weight[init_ids].mean(0)
+            table.weight[old_rows:] = init
+        return self.tokenizer.convert_tokens_to_ids(tokens)
+
+    def expand_placeholder(self, prompt: str) -> str:
+        if self.placeholder_vectors == 1:
+            return prompt
+        extra = " ".join(f"{self.placeholder}_{i}" for i in range(1, self.placeholder_vectors))
+        return prompt.replace(self.placeholder, f"{self.placeholder} {extra}")
+
+    # --- widths and identity ---
+    @classmethod
+    def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
+        from mmadapt.core.nodes import WidthUnknown
+
+        text = read_pipeline_config(str(params.get("checkpoint", "")), "text_encoder")
+        unet = read_pipeline_config(str(params.get("checkpoint", "")), "unet")
+        if text is None or unet is None:
+            raise WidthUnknown(f"{params.get('checkpoint')} is not a local pipeline folder")
+        return {"token_embeds": int(text["hidden_size"]), "context": int(unet["cross_attention_dim"])}
+
+    source_params = {"checkpoint": "model_index.json"}
+
+    @classmethod
+    def adapter_bases(cls, params: dict[str, Any]) -> dict[str, torch.nn.Module] | None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text, unet, vae = (read_pipeline_config(str(params.get("checkpoint", "")), part) for part in ("text_encoder", "unet", "vae"))
+        if text is None or unet is None or vae is None:
+            return None
+        return {"unet": meta_built(lambda: UNet2DConditionModel.from_config(unet)),
+                "vae": meta_built(lambda: AutoencoderKL.from_config(vae)),
+                "text_encoder": meta_built(lambda: CLIPTextModel(CLIPTextConfig.from_dict(text)))}
+
+    @classmethod
+    def adapter_export_problem(cls, inner: str, peft_config: Any) -> str | None:
+        from peft import LoKrConfig
+
+        if isinstance(peft_config, LoKrConfig) and inner != "unet":
+            return (f"LoKr on the {inner} could not be exported: diffusers loads LoKr into the U-Net only "
+                    "(load_lora_adapter); use type: lora there, or put the LoKr on the unet")
+        return None
+
+    def widths(self) -> dict[str, int]:
+        return {"token_embeds": self.text_encoder.config.hidden_size, "context": self.unet.config.cross_attention_dim}
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "config_hash": config_hash({"unet": dict(self.unet.config), "vae": dict(self.vae.config),
+                                                                   "text": self.text_encoder.config.to_dict()})}
+
+    # --- data ---
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """RGB, resized (shorter side) and centre-cropped to the training resolution, in [-1, 1]: (3, H, W)."""
+        from torchvision.transforms import functional as TF
+
+        image = image.convert("RGB")
+        image = TF.center_crop(TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC), self.resolution)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L) ids, padded to the tokenizer's max length as Stable Diffusion pipelines do."""
+        expanded = [self.expand_placeholder(p) for p in prompts]
+        return self.tokenizer(expanded, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def prepare(self, sample: dict[str, Any], max_tokens: int) -> tuple[str, torch.Tensor | None, float, bool, str | None]:
+        """(prompt, target pixels, loss weight, is a class image, spelled text); the sample's text is the prompt, its
+        image the target, its `spelled_text` (if any) what text_alignment pulls the prompt's states toward.
+
+        A sample without an image (one to draw from, e.g. a recording) has no target; training on it is refused in forward.
+        """
+        from mmadapt.data.modalities import open_image
+
+        pixels = self.preprocess_image(open_image(sample["image"])) if "image" in sample else None
+        return (sample["text"], pixels, float(sample.get("loss_weight", 1.0)),
+                bool(sample.get("prior", False)), sample.get("spelled_text"))
+
+    def collate(self, rows: list[tuple[str, torch.Tensor | None, float, bool, str | None]]) -> dict[str, torch.Tensor | None]:
+        """Prompt ids (B, L), target pixels (B, 3, H, W), per-sample loss weights (B,), class-image flags (B,), and the
+        spelled prompts' ids (B, L) when every sample has one."""
+        pictures = [r[1] for r in rows]
+        if any(p is None for p in pictures) and not all(p is None for p in pictures):
+            raise MMAdaptError("some samples of a batch carry a target picture and some do not; the diffusion generator "
+                               "needs one for every sample it trains on")
+        input_ids = self.tokenize([r[0] for r in rows])
+        batch = {"input_ids": input_ids, "pixel_values": None if pictures[0] is None else torch.stack(pictures),
+                 "loss_weight": torch.tensor([r[2] for r in rows]), "prior": torch.tensor([r[3] for r in rows]),
+                 "spelled_ids": self.spelled_ids(rows, input_ids) if self.text_alignment > 0 and rows[0][4] is not None else None}
+        return batch  # pixel_values None: pictures to draw from, not to train on (forward says so)
+
+    def spelled_ids(self, rows: list[tuple[str, torch.Tensor | None, float, bool, str | None]], input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids of each sample's spelled text, checked to line up token by token with its prompt's."""
+        spelled = [r[4] for r in rows]
+        if any(s is None for s in spelled):
+            raise MMAdaptError("text_alignment: some samples of a batch have a spelled_text and some do not")
+        ids = self.tokenize(spelled)
+        lengths, spelled_lengths = (input_ids != self.pad_id).sum(1), (ids != self.pad_id).sum(1)
+        for prompt, text, n, m in zip((r[0] for r in rows), spelled, lengths.tolist(), spelled_lengths.tolist()):
+            if n != m:  # the states are compared position by position, so the word must take the placeholder's tokens
+                raise MMAdaptError(f"spelled_text '{text}' has {m} tokens and its prompt '{prompt}' has {n}; text_alignment "
+                                   f"compares them position by position, so spell the placeholder with {self.placeholder_vectors} token(s)")
+        return ids
+
+    # --- conditioning ---
+    def encode_text(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None,
+                    context: torch.Tensor | None = None, prior_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net's cross-attention states: text encoder output with placeholders filled, then context: (B, L + M, D).
+
+        Every prompt needs the placeholder, except prior-preservation rows (`prior_rows`), whose class prompts have none.
+        """
+        if isinstance(token_embeds, RowTokens) or isinstance(context, RowTokens):
+            raise MMAdaptError("diffusion: a batch mixes modalities (a mixture dataset); the diffusion generator takes one modality "
+                               "per batch, so train each modality's bridge on its own data")
+        input_ids = input_ids.to(self.text_encoder.device)
+        if token_embeds is None:
+            states = self.text_encoder(input_ids).last_hidden_state
+        else:
+            mask = torch.isin(input_ids, torch.tensor(self.placeholder_ids, device=input_ids.device))  # (B, L)
+            found = mask.sum(1)
+            exempt = prior_rows.to(found.device).bool() if prior_rows is not None else torch.zeros_like(found, dtype=torch.bool)
+            if not bool(((found == token_embeds.shape[1]) | ((found == 0) & exempt)).all()):
+                raise MMAdaptError(f"a prompt needs the placeholder '{self.placeholder}' once ({token_embeds.shape[1]} "
+                                   f"token(s) from the bridge); found {found.tolist()} placeholder tokens per prompt")
+            vectors = token_embeds[found > 0].reshape(-1, token_embeds.shape[-1])  # rows without it (class prompts) skip
+            with substituted_embeddings(self.text_encoder.get_input_embeddings(), mask, vectors):
+                states = self.text_encoder(input_ids).last_hidden_state  # (B, L, D)
+        if context is not None:
+            states = torch.cat([states, context.to(states.dtype)], dim=1)  # (B, L + M, D)
+        return states
+
+    # --- training ---
+    def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            posterior = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
+            return posterior.sample() * self.vae.config.scaling_factor  # (B, 4, h, w)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L) prompt ids with placeholders
+        pixel_values: torch.Tensor | None = None,  # (B, 3, H, W) target images in [-1, 1]
+        latents: torch.Tensor | None = None,  # (B, 4, h, w) scaled VAE latents, e.g. from the feature cache
+        loss_weight: torch.Tensor | None = None,  # (B,) e.g. prior_loss_weight on class images
+        prior: torch.Tensor | None = None,  # (B,) True for prior-preservation (class) images
+        token_embeds: torch.Tensor | None = None,  # (B, K, D_text) from a token bridge
+        context: torch.Tensor | None = None,  # (B, M, D_cross) from a context bridge
+        spelled_ids: torch.Tensor | None = None,  # (B, L) the prompts with words in place of the placeholder
+    ) -> dict[str, torch.Tensor]:
+        if latents is None:
+            if pixel_values is None:
+                raise MMAdaptError("the diffusion generator learns to draw each sample's picture, and the data gives none: give "
+                                   "its samples an image field (for fsdd_captions: paired_image: digits)")
+            latents = self.latents(pixel_values)
+        batch = latents.shape[0]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        states = self.encode_text(input_ids, token_embeds, context, prior_rows=prior)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=states).sample  # (B, 4, h, w)
+        kind = self.scheduler.config.prediction_type
+        target = noise if kind == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if self.snr_gamma is not None:
+            per_sample = per_sample * self.min_snr_weights(timesteps, kind)
+        if loss_weight is not None:
+            per_sample = per_sample * loss_weight.to(per_sample)
+        result = {"loss": per_sample.mean(), "per_sample_loss": per_sample.detach()}
+        if self.text_alignment > 0 and token_embeds is not None and token_embeds.requires_grad:  # training only: eval losses stay comparable
+            alignment = self.alignment_loss(states[:, :input_ids.shape[1]], spelled_ids)
+            result.update(loss=result["loss"] + self.text_alignment * alignment, alignment_loss=alignment.detach())
+        return result
+
+    def alignment_loss(self, states: torch.Tensor, spelled_ids: torch.Tensor | None) -> torch.Tensor:
+        """Mean squared distance between the prompt's text states (B, L, D) and the spelled prompt's, all positions
+        (the U-Net attends to every one, padding included)."""
+        if spelled_ids is None:  # generation and evaluation need none; training with text_alignment does
+            raise MMAdaptError("text_alignment is set on the diffusion generator, but the data gives no spelled_text (the "
+                               "prompt with words in place of the placeholder; for fsdd_captions: spelled_text: \"a handwritten {word}\")")
+        with torch.no_grad(), adapters_off(self.text_encoder):  # the teacher is the frozen text encoder, adapters or not
+            target = self.text_encoder(spelled_ids.to(self.text_encoder.device)).last_hidden_state  # (B, L, D)
+        return F.mse_loss(states.float(), target.float())
+
+    def min_snr_weights(self, timesteps: torch.Tensor, kind: str) -> torch.Tensor:
+        """min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets."""
+        alphas = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=self.snr_gamma)
+        return clipped / (snr + 1) if kind == "v_prediction" else clipped / snr
+
+    # --- the rest of the generator contract: training-log examples and the card's diffusers export ---
+    def examples(self, model: Any, batch: dict[str, Any], count: int, folder: Path, step: int, write: bool = True,
+                 max_new_tokens: int = 16) -> list[dict[str, str]]:
+        """Pictures for the first `count` prompts, saved under `folder` and logged by path (only where `write`)."""
+        images = model.generate(batch, batch["texts"])[:count]
+        if not write:  # a sharded model generated here too; only rank 0 writes, but all count alike
+            return [{} for _ in images]
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, image in enumerate(images):
+            image.save(folder / f"step-{step:07d}-{index}.png")
+            paths.append(str(folder / f"step-{step:07d}-{index}.png"))
+        return [{"prompt": p, "generated": g} for p, g in zip(batch["texts"][:count], paths)]
+
+    def example_sample(self) -> dict[str, Any]:
+        """A prompt with the placeholder, and a white picture to learn to draw."""
+        return {"prompt": "", "target": "", "text": f"a {self.placeholder}", "image": Image.new("RGB", (64, 64), "white")}
+
+    def export(self, model: Any, folder: Path) -> list[str]:
+        """What StableDiffusionPipeline loads (LoRA, LoKr, textual inversion), in the card's `diffusers/` folder."""
+        from mmadapt.generators.diffusion.export import export_diffusers
+
+        return export_diffusers(model, folder / "diffusers")
+
+    # --- sampling: the stock pipeline, fed the graph's conditioning ---
+    def sampling_pipeline(self) -> Any:
+        """A StableDiffusionPipeline sharing this node's modules (adapters included), with the folder's own sampler."""
+        if getattr(self, "_pipeline", None) is None:
+            from diffusers import StableDiffusionPipeline
+
+            self._pipeline = StableDiffusionPipeline.from_pretrained(
+                self.folder, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        token_embeds: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        negative_prompt: str = "",
+        output_type: str = "pil",  # or "np": float arrays in [0, 1], unrounded (exact comparisons)
+    ) -> list[Any]:
+        """Images for prompts; classifier-free guidance uses the negative prompt with zero context tokens."""
+        ids = self.tokenize(prompts)
+        states = self.encode_text(ids, token_embeds, context)
+        negative = self.encode_text(self.tokenize([negative_prompt] * len(prompts)))
+        if context is not None:
+            negative = torch.cat([negative, torch.zeros_like(context, dtype=negative.dtype)], dim=1)
+        pipeline = self.sampling_pipeline()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return pipeline(prompt_embeds=states, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, generator=generator, height=self.resolution, width=self.resolution,
+                        output_type=output_type).images

@@ -1,0 +1,104 @@
+"""Loading a card back into a model, and generating from raw inputs."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmadapt.core.assemble import assemble
+from mmadapt.core.card import load_card_weights, read_card, refuse_card_code
+from mmadapt.core.checkpoint_io import remove_stale_temp_dirs
+from mmadapt.core.registry import sub_sections
+from mmadapt.data.collate import batch_to_device, build_dataset, collator_for
+from mmadapt.data.captions import format_sample
+from mmadapt.errors import MMAdaptError
+from mmadapt.core.model import AssembledModel
+from mmadapt.core.validate import check_recipe
+
+
+def load_card(directory: str | Path, trust_code: bool = False) -> AssembledModel:
+    """Rebuild the card's graph from its resolved recipe and load its trainable tensors.
+
+    A recipe whose `type:` names a module outside mmadapt's tables is refused before any import unless `trust_code`
+    (the CLI's --trust-card-code). Temporary folders that a killed save of this card left beside it are removed first.
+    """
+    directory = Path(directory)
+    beside = Path(os.path.abspath(directory))  # the folder atomic_dir saved it into, symlinks not followed
+    remove_stale_temp_dirs(beside.parent, re.escape(beside.name))
+    raw, _ = read_card(directory)
+    refuse_card_code(raw, directory, trust_code)
+    recipe, plan = check_recipe(raw, source=f"{directory}/recipe.yaml", for_training=False)  # its training data may be elsewhere
+    model = assemble(recipe, plan)
+    load_card_weights(model, directory)
+    model.eval()
+    return model
+
+
+def encoder_fields(model: AssembledModel) -> set[str]:
+    """The data fields the graph's encoders read (image, audio, points)."""
+    return {r.key for name in model.encoders() for refs in model.plan.inputs[name].values() for r in refs if r.is_data}
+
+
+def generate_for_samples(model: AssembledModel, samples: list[dict[str, Any]], prompt: str, **settings: Any) -> list[str]:
+    """Generate after each sample's encoded inputs, with the same (already formatted) prompt for all.
+
+    In a graph with several encoders a sample may carry only some modalities; the others are skipped for it. A sample
+    that carries none of them is an error, not an answer from the prompt alone.
+    """
+    wanted = encoder_fields(model)
+    for sample in samples:
+        if wanted and not wanted & set(sample):
+            raise MMAdaptError(f"sample {sample.get('id', '?')} carries none of the fields the card's encoders read ({', '.join(sorted(wanted))})")
+    samples = [dict(s, prompt=prompt, target="", fields_absent=sorted(wanted - set(s))) for s in samples]
+    batch = collator_for(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)(samples)
+    batch = batch_to_device(batch, next(model.parameters()).device)
+    with torch.no_grad():
+        return model.generate(batch, [prompt] * len(samples), **settings)
+
+
+def section_for(model: AssembledModel, fields: set[str]) -> dict[str, Any]:
+    """The data section that trained the given input fields: the card's own, or the part of its mixture whose samples
+    carry exactly those fields (else the part that carries them all, for one field of a part with several)."""
+    data = model.recipe.data
+    parts = sub_sections(data)
+    if parts is None:
+        return data
+    carried = getattr(model, "_part_fields", None)
+    if carried is None:  # which fields each part's samples carry, read once per model
+        carried = model._part_fields = [set(build_dataset(part)[0]) & encoder_fields(model) for part in parts]
+    for part, own in zip(parts, carried):
+        if own == fields:
+            return part
+    for part, own in zip(parts, carried):
+        if fields <= own:
+            return part
+    return {"template": "instruction", "prompt": ""}  # a combination no part trained: asked as eval asks questions
+
+
+def prompt_for(section: dict[str, Any], question: str | None = None) -> str:
+    """The prompt for a section: with no question, the one it trained with (its caption prompt); a question goes into
+    its template, and a raw template (a prompt as written, no question slot) is asked in eval's instruction form."""
+    template = section.get("template", "caption")
+    if not question:
+        return format_sample(template, "", section.get("prompt", ""))[0]
+    return format_sample("instruction" if template == "raw" else template, "", question)[0]
+
+
+def generate_from_files(model: AssembledModel, field: str, files: list[Any], prompt: str = "", **settings: Any) -> list[str]:
+    """Caption or answer about each input (an image, a recording, a point cloud) read by the encoder of `field`.
+
+    `prompt` (a question; empty: the card's caption prompt) goes into the template of the data that trained `field`.
+    """
+    if field not in encoder_fields(model):
+        raise MMAdaptError(f"the card's encoders read {', '.join(sorted(encoder_fields(model))) or 'nothing'}, not {field}")
+    formatted = prompt_for(section_for(model, {field}), prompt)
+    samples = [{field: item, "text": "", "key": str(i), "id": i} for i, item in enumerate(files)]
+    return generate_for_samples(model, samples, formatted, **settings)
+
+
+def generate_from_images(model: AssembledModel, images: list[Any], prompt: str = "", **settings: Any) -> list[str]:
+    """Caption or answer about each image; `prompt` is filled into the card's data template."""
+    return generate_from_files(model, "image", images, prompt, **settings)

@@ -1,0 +1,1 @@
+"""Training: the loop, the frozen-feature cache and sharding of frozen nodes."""
