@@ -1,4 +1,4 @@
-"""The `mmadapt` command: validate, info, train and generate. Errors print as messages, never tracebacks."""
+"""The `mmadapt` command line: validate, info, train, generate, eval, export, personalize, demo, data; no tracebacks."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,23 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a card as a stock model folder (LLaVA, BLIP-2, diffusers files) that loads without mmadapt."""
+    from pathlib import Path
+
+    from mmadapt.core.checkpoint_io import atomic_dir
+    from mmadapt.serve.inference import load_card
+
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise MMAdaptError(f"{output}: already exists and is not an empty folder; nothing was written (pick a new folder)")
+    model = load_card(args.card, trust_code=args.trust_card_code)
+    with atomic_dir(output) as folder:  # a refused or failed export leaves no half-written folder
+        written = model.generator.export_stock(model, folder)
+    print(f"exported {args.card} to {output}: {', '.join(written)}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from mmadapt.data.dreambooth import write_style_examples
 
@@ -196,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("--report", action="store_true", help="also measure style and referee figures (mini world)")
     personalize.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     personalize.set_defaults(handler=cmd_personalize)
+    export = sub.add_parser("export", help="write a card as a stock model folder: LLaVA or BLIP-2 (transformers), or diffusers' files")
+    export.add_argument("card", help="a bridge card folder")
+    export.add_argument("output", help="a new (or empty) folder to write")
+    export.add_argument("--trust-card-code", action="store_true", help=TRUST_HELP)
+    export.set_defaults(handler=cmd_export)
     from mmadapt.serve.demo import DEFAULT_HOST, DEMOS, Limits
 
     demo = sub.add_parser("demo", help="start a Gradio demo: vlm, audio2image or personalize (offline, mini zoo by default)")

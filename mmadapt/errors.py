@@ -41,3 +41,7 @@ class DataError(MMAdaptError):
 
 class TrainingError(MMAdaptError):
     """Training stopped on purpose (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+class ExportError(MMAdaptError):
+    """A card cannot be written as a stock model folder (no stock class holds its graph); the message says why."""

@@ -67,3 +67,23 @@ def test_what_diffusers_cannot_load_is_refused_before_training(sd_folder: Path, 
     path = with_adapters(tmp_path, sd_folder, [{"type": "lokr", "r": 4, "alpha": 8, "target": "text_encoder"}])
     with pytest.raises(RecipeError, match=r"graph\.sd\.adapters\[0\]\.type: LoKr on the text_encoder could not be exported"):
         load_recipe(path, [], for_training=True)
+
+
+def test_mmadapt_export_writes_the_tested_diffusers_files(sd_folder: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from mmadapt.cli import main
+
+    path = recipe_for(tmp_path, sd_folder, token=True)
+    raw = yaml.safe_load(path.read_text())
+    raw["graph"]["sd"]["adapters"] = MATRIX["mixed"]
+    path.write_text(yaml.safe_dump(raw))
+    model = build_from(path)
+    randomize_trainables(model)
+    card = save_card(model, tmp_path / "card")
+    assert main(["export", str(card), str(tmp_path / "out")]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
+    for name in names:  # the same tensors the matrix above loads into the stock pipeline
+        ours, exported = load_file(card / "diffusers" / name), load_file(tmp_path / "out" / name)
+        assert ours.keys() == exported.keys() and all((ours[k] == exported[k]).all() for k in ours)

@@ -13,7 +13,7 @@ from mmadapt.core.nodes import Adapter, Bridge, Encoder, Node
 from mmadapt.core.registry import (ADAPTER_TYPES, DATA_TYPES, NODE_TYPES, UnknownType, foreign_types, import_dotted, resolve,
                                    sub_sections, would_import)
 
-ENCODERS = {"open_clip_vision", "hf_vision", "point_bert", "audiomae", "hf_audio"}
+ENCODERS = {"open_clip_vision", "hf_vision", "blip2_vision", "point_bert", "audiomae", "hf_audio"}
 GENERATORS = {"causal_lm", "diffusion"}
 BRIDGES = {"token", "linear_projector", "mlp_projector", "qformer", "prefix", "soft_prompt"}
 TABLES = {"node": NODE_TYPES, "adapter": ADAPTER_TYPES, "data": DATA_TYPES}

@@ -73,6 +73,28 @@ class Generator(Node):
             yield
 
     # --- exports ---
+    # Modules that can write a card of this kind as a stock model folder (`mmadapt export`), tried in order. Each has
+    # `problem(model) -> str | None` (why the card does not fit its class) and `write(model, folder) -> list[str]`.
+    stock_exports: ClassVar[tuple[str, ...]] = ()
+
+    def export_stock(self, model: AssembledModel, folder: Path) -> list[str]:
+        """Write the card as the first stock class that holds its graph; ExportError listing each class's reason if none."""
+        import importlib
+
+        from mmadapt.errors import ExportError
+
+        reasons = []
+        for path in self.stock_exports:
+            exporter = importlib.import_module(path)
+            reason = exporter.problem(model)
+            if reason is None:
+                return exporter.write(model, folder)
+            reasons.append(f"{path.rsplit('.', 1)[-1]}: {reason}")
+        if not reasons:
+            raise ExportError(f"no stock class holds a {type(self).__name__} card; its files beside the card "
+                              "(peft/, diffusers/) are what other libraries load")
+        raise ExportError("no stock class holds this card's graph:\n" + "\n".join(f"  - {r}" for r in reasons))
+
     def export(self, model: AssembledModel, folder: Path) -> list[str]:
         """Write, beside a card, the files stock libraries load for this kind (e.g. diffusers' LoRA); return their
         names. peft folders for every adapted node are written by the card itself."""

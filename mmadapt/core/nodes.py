@@ -2,6 +2,7 @@
 contract is in mmadapt.core.generator)."""
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
@@ -43,6 +44,21 @@ def adapters_off(module: nn.Module) -> Iterator[None]:
     finally:
         for layer, was_enabled in zip(layers, enabled):
             layer.enable_adapters(was_enabled)
+
+
+def merged(module: nn.Module) -> nn.Module:
+    """A copy of `module` with every peft adapter layer merged into its base layer and unwrapped, so its state dict
+    has the base model's own key names; the original keeps its adapters. peft's merge is used, not a hand-written one."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    copied = copy.deepcopy(module)
+    for name, layer in list(copied.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = copied.get_submodule(parent_name) if parent_name else copied
+            setattr(parent, child, layer.get_base_layer())
+    return copied
 
 
 def peft_config_of(module: Any) -> Any | None:

@@ -10,6 +10,7 @@ from typing import Any
 NODE_TYPES: dict[str, str] = {
     "open_clip_vision": "mmadapt.encoders.open_clip_vision.OpenCLIPVision",
     "hf_vision": "mmadapt.encoders.hf_vision.HFVisionTower",
+    "blip2_vision": "mmadapt.encoders.blip2_vision.Blip2Vision",
     "point_bert": "mmadapt.encoders.point_cloud.PointBERT",
     "audiomae": "mmadapt.encoders.audiomae.AudioMAE",
     "hf_audio": "mmadapt.encoders.hf_audio.HFAudioEncoder",

@@ -5,8 +5,9 @@ from typing import Any
 
 import torch
 
-from mmadapt.encoders.image import ImageEncoder
+from mmadapt.encoders.image import ImageEncoder, TransformersTower
 from mmadapt.core.identity import config_hash
+from mmadapt.core.nodes import merged
 from mmadapt.core.params import Feature
 from mmadapt.core.semantics import (Finding, read_config, NodeContext, argument, inline_config_findings, layer_finding, meta_built,
                                readable_config)
@@ -45,7 +46,28 @@ def hidden_states_finding(layer: Any, config: Any) -> Finding | None:
     return layer_finding(layer, -(layers + 1), layers, what)
 
 
-class HFVisionTower(ImageEncoder):
+class TransformersImageEncoder(ImageEncoder):
+    """A transformers vision model read through its own image processor (`self.processor`); its width from its config."""
+
+    processor: Any
+    source_params = {"checkpoint": "config.json"}
+
+    def transform_images(self, images: list[Any]) -> list[torch.Tensor]:
+        # One processor call per batch: each call pays ~0.6 ms of argument validation, as much as a 32 px image's work.
+        return list(self.processor(images=images, return_tensors="pt")["pixel_values"].unbind(0))
+
+    def transform_description(self) -> str:
+        return repr(sorted(self.processor.to_dict().items()))
+
+    source_params = {"checkpoint": "config.json"}
+
+    @classmethod
+    def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
+        config = vision_part(read_config(params.get("checkpoint"), params.get("config")))
+        return {"output": int(config.hidden_size)}
+
+
+class HFVisionTower(TransformersImageEncoder):
     """A transformers vision model; tokens come from `hidden_states[layer]`, as LLaVA selects them."""
 
     def __init__(
@@ -93,20 +115,6 @@ class HFVisionTower(ImageEncoder):
         self.processor = processor
         return lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    def transform_images(self, images: list[Any]) -> list[torch.Tensor]:
-        # One processor call per batch: each call pays ~0.6 ms of argument validation, as much as a 32 px image's work.
-        return list(self.processor(images=images, return_tensors="pt")["pixel_values"].unbind(0))
-
-    def transform_description(self) -> str:
-        return repr(sorted(self.processor.to_dict().items()))
-
-    source_params = {"checkpoint": "config.json"}
-
-    @classmethod
-    def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
-        config = vision_part(read_config(params.get("checkpoint"), params.get("config")))
-        return {"output": int(config.hidden_size)}
-
     @classmethod
     def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
         findings = inline_config_findings(params.get("config"))
@@ -130,6 +138,12 @@ class HFVisionTower(ImageEncoder):
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "config_hash": config_hash(self.config.to_dict())}
+
+    def transformers_tower(self) -> TransformersTower | None:
+        if self.feature != "patch":
+            return None
+        has_cls = self.config.model_type != "siglip_vision_model"  # CLIP leads with a class token; SigLIP has none
+        return TransformersTower(merged(self.model), self.processor, self.layer, has_cls, self.keep_cls)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=self.feature == "patch")

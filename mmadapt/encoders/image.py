@@ -1,6 +1,7 @@
 """What every image encoder shares: image loading, the feature choice and the cache identity."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, get_args
 
 import torch
@@ -13,6 +14,20 @@ from mmadapt.core.params import Feature
 from mmadapt.data.modalities import open_image
 
 FEATURES = get_args(Feature)
+
+
+@dataclass(frozen=True)
+class TransformersTower:
+    """An image encoder as a transformers vision model giving the same tokens: what stock VLM exports are built from."""
+
+    model: torch.nn.Module  # e.g. CLIPVisionModel, adapters merged
+    processor: Any  # a transformers image processor giving the encoder's own pixel values
+    layer: int  # the index into the model's hidden_states that the encoder's tokens are
+    has_cls: bool  # the model's tokens lead with a class token
+    keep_cls: bool  # the encoder keeps it
+    # max |pixel| difference between the processor and the encoder's own transform, per test picture ("8x8", ...); empty:
+    # the processor is the encoder's own
+    pixel_gap: dict[str, float] = field(default_factory=dict)
 
 
 class ImageEncoder(Encoder):
@@ -47,6 +62,11 @@ class ImageEncoder(Encoder):
 
     def transform_description(self) -> str:
         return repr(self.transform)
+
+    def transformers_tower(self) -> TransformersTower | None:
+        """This tower as a transformers vision model with the same patch tokens, for stock exports; None where there is
+        none (a pooled feature, a family transformers does not have)."""
+        return None
 
     def cache_identity(self) -> dict[str, Any]:
         if self._weights_hash is None:  # hashing a big tower takes seconds: do it once

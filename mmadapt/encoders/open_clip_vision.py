@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mmadapt.encoders.image import ImageEncoder
+from mmadapt.encoders.image import ImageEncoder, TransformersTower
 from mmadapt.errors import MMAdaptError
 from mmadapt.core.identity import config_hash
 from mmadapt.core.nodes import WidthUnknown
@@ -117,6 +117,13 @@ class OpenCLIPVision(ImageEncoder):
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "config_hash": config_hash(self.model_config)}
+
+    def transformers_tower(self) -> TransformersTower | None:
+        """The tower as transformers' CLIPVisionModel (the same architecture as OpenAI's CLIP ViT), checked to give the
+        same tokens; None for what CLIPVisionModel cannot hold (layer scale, attention pooling, no class token)."""
+        from mmadapt.encoders.open_clip_to_hf import as_clip_vision_model
+
+        return None if self.feature != "patch" else as_clip_vision_model(self)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.feature == "pooled":

@@ -11,7 +11,8 @@ from mmadapt.core.identity import config_hash
 from mmadapt.core.generator import Generator
 from mmadapt.core.nodes import RowTokens, adapters_off
 from mmadapt.core.params import Dtype, NonNegativeFloat
-from mmadapt.core.semantics import Finding, NodeContext, inline_config_findings, meta_built, read_config, readable_config, source_finding
+from mmadapt.core.semantics import (Finding, NodeContext, inline_config_findings, meta_built, quiet_transformers, read_config,
+                                    readable_config, source_finding)
 from mmadapt.zoo import resolve_checkpoint
 
 IGNORE_INDEX = -100  # label value the HF loss skips: prompt, prefix and padding positions
@@ -46,6 +47,38 @@ def input_width(config: Any) -> int:
     return int(getattr(text, "word_embed_proj_dim", None) or text.hidden_size)
 
 
+# Folders whose causal LM is one part of a larger model: model_type -> the prefix of the LM's tensors (its config is
+# the folder's text_config). A BLIP-2 folder can so be both the vision node's, the Q-Former's and the LM's checkpoint.
+EMBEDDED_LMS = {"blip-2": "language_model."}
+
+
+def lm_config(config: Any) -> Any:
+    """The causal LM's own config: the text_config of a folder that embeds one (BLIP-2), else the config itself."""
+    return config.get_text_config() if getattr(config, "model_type", None) in EMBEDDED_LMS else config
+
+
+def load_causal_lm(checkpoint: str, config: Any, **kwargs: Any) -> Any:
+    """AutoModelForCausalLM of a folder or hub id; for a folder that embeds the LM, its text_config's class built from
+    the tensors under its prefix (`language_model.*`), refused naming the folder when they are not all there."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_checkpoint(checkpoint)
+    prefix = EMBEDDED_LMS.get(getattr(config, "model_type", None))
+    if prefix is None:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    text = lm_config(config)
+    if getattr(config, "use_decoder_only_language_model", True) is False:
+        raise MMAdaptError(f"'{checkpoint}': its language model is a {text.model_type} encoder-decoder, not a causal LM")
+    with quiet_transformers():  # the other parts' tensors (vision_model.*, qformer.*) are expected, not news
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=text, key_mapping={f"^{re.escape(prefix)}": ""},
+                                                           output_loading_info=True, **kwargs)
+    missing = sorted(info["missing_keys"]) + sorted(map(str, info["mismatched_keys"]))
+    if missing:
+        raise MMAdaptError(f"'{checkpoint}': a {config.model_type} folder without all of its language model's tensors "
+                           f"({prefix}*: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} missing or of other shapes)")
+    return model
+
+
 def load_tokenizer(name: str) -> Any:
     """A tokenizer by folder or hub id; `bytes` gives ByT5's file-free byte tokenizer for config-built tests."""
     from transformers import AutoTokenizer, ByT5Tokenizer
@@ -62,6 +95,7 @@ class CausalLM(Generator):
     """Sequence = [prefix embeddings][bos prompt][target eos]; the loss counts target tokens only."""
 
     evaluation = "mmadapt.eval.evaluate.report_text"
+    stock_exports = ("mmadapt.generators.stock.llava", "mmadapt.generators.stock.blip2")
     default_inputs = {"input_ids": "data.input_ids", "attention_mask": "data.attention_mask", "labels": "data.labels",
                       "marker_positions": "data.marker_positions", "spelled_ids": "data.spelled_ids", "spelled_mask": "data.spelled_mask"}
 
@@ -102,13 +136,12 @@ class CausalLM(Generator):
         if text_alignment < 0:
             raise MMAdaptError(f"text_alignment must be 0 or more, got {text_alignment}")
         self.text_alignment = text_alignment
-        self.config = read_config(checkpoint, config)
+        folder_config = read_config(checkpoint, config)
+        self.config = lm_config(folder_config)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if checkpoint is not None:
-                self.model = AutoModelForCausalLM.from_pretrained(
-                    resolve_checkpoint(checkpoint), dtype=DTYPES[dtype], attn_implementation=attn_implementation
-                )
+                self.model = load_causal_lm(checkpoint, folder_config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
             else:
                 self.model = AutoModelForCausalLM.from_config(self.config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
         tokenizer_name = tokenizer or checkpoint
@@ -125,7 +158,7 @@ class CausalLM(Generator):
 
     @classmethod
     def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
-        config = read_config(params.get("checkpoint"), params.get("config"))
+        config = lm_config(read_config(params.get("checkpoint"), params.get("config")))
         if params.get("prefix_as") == "token_distribution":
             return {"prefix_embeds": int(config.get_text_config().vocab_size)}
         return {"prefix_embeds": input_width(config)}
@@ -152,7 +185,7 @@ class CausalLM(Generator):
     def adapter_bases(cls, params: dict[str, Any]) -> dict[str, torch.nn.Module] | None:
         from transformers import AutoModelForCausalLM
 
-        config = readable_config(lambda: read_config(params.get("checkpoint"), params.get("config")))
+        config = readable_config(lambda: lm_config(read_config(params.get("checkpoint"), params.get("config"))))
         return None if config is None else {"model": meta_built(lambda: AutoModelForCausalLM.from_config(config))}
 
     def widths(self) -> dict[str, int]:

@@ -338,6 +338,18 @@ class DiffusionGenerator(Generator):
 
         return export_diffusers(model, folder / "diffusers")
 
+    def export_stock(self, model: Any, folder: Path) -> list[str]:
+        """`mmadapt export`: the same diffusers files, at the top of `folder`; a card with nothing diffusers loads (a
+        per-sample token, as AudioToken's) is refused."""
+        from mmadapt.errors import ExportError
+        from mmadapt.generators.diffusion.export import export_diffusers
+
+        written = export_diffusers(model, folder)
+        if not written:
+            raise ExportError("nothing in this card is a file stock diffusers loads: its bridge makes a token per input "
+                              "(e.g. AudioToken), which a pipeline cannot compute without the bridge")
+        return written
+
     # --- sampling: the stock pipeline, fed the graph's conditioning ---
     def sampling_pipeline(self) -> Any:
         """A StableDiffusionPipeline sharing this node's modules (adapters included), with the folder's own sampler."""
