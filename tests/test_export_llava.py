@@ -133,6 +133,13 @@ def test_a_graph_no_stock_class_holds_is_refused_with_exit_2_and_nothing_written
     card_of(raw, tmp_path / "qcard")
     assert main(["export", str(tmp_path / "qcard"), str(tmp_path / "out")]) == 2
     assert "llava: 'proj' is QFormer" in capsys.readouterr().err
+    raw = llava_recipe(word_tokenizer_dir)
+    raw["graph"]["proj"] = {"type": "prefix", "inputs": {"x": "vision"}, "num_tokens": 3, "hidden_dim": 24}
+    card_of(raw, tmp_path / "pcard")  # a ClipCap prefix: neither class's projector
+    assert main(["export", str(tmp_path / "pcard"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "llava: 'proj' is PrefixBridge" in err or "llava: 'proj' is Prefix" in err, err
+    assert "blip2: 'vision' is HFVisionTower" in err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main(["export", str(tmp_path / "card"), str(tmp_path / "full")]) == 2
