@@ -99,7 +99,7 @@ def alignment_by_hand(decoder: CausalLM, rows: list[tuple[str, str, str]], token
     errors, sizes = torch.zeros(2), torch.zeros(2)  # summed over rows, per layer
     for (prompt, target, spelled), piece in zip(rows, tokens):
         ids, _, positions, _ = decoder.prepare({"prompt": prompt, "target": target}, 64)
-        place = max(positions) if at is None else at
+        place = max(p for places in positions for p in places) if at is None else at  # positions: per marker, each occurrence
         text, spelled_ids = torch.tensor([ids]), torch.tensor([list(spelled.encode())]) + 3  # (1, T) unpadded; ByT5 ids are bytes + 3
         with torch.no_grad():
             embedded = decoder.embed(text)
@@ -135,7 +135,7 @@ def test_text_alignment_with_prompt_markers_puts_the_spelled_text_where_the_mark
     decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, text_alignment=1.0, markers={"audio": "<audio>"}).eval()
     rows = [("Heard <audio>. Odd? Answer:", " yes", "seven"), ("Q: <audio>", "a handwritten two", "a two")]
     batch = decoder.collate([decoder.prepare({"prompt": p, "target": t, "spelled_text": s}, 64) for p, t, s in rows])
-    assert batch["marker_positions"].tolist() == [[6], [3]]  # byte tokens before each marker
+    assert batch["marker_positions"].tolist() == [[[6]], [[3]]]  # (B, markers, occurrences): byte tokens before each marker
     prefix = torch.randn(2, 4, decoder.embed_dim, requires_grad=True)  # (B, P, D)
     loss = decoder(prefix_embeds=prefix, **batch)["alignment_loss"]
     assert torch.allclose(loss, alignment_by_hand(decoder, rows, list(prefix.detach())), rtol=1e-5)

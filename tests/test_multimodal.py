@@ -48,11 +48,11 @@ def test_markers_put_each_source_where_the_prompt_says_and_rows_without_tokens_k
     decoder = CausalLM(config=TINY_LMS["llama"], tokenizer="bytes", seed=1, markers={"img": "<image>", "pts": "<points>"}).eval()
     bos = len(decoder.encode_marked("")[0])  # 0: the byte tokenizer has no bos
     ids, positions = decoder.encode_marked("ab<points>cd")
-    assert positions == {"pts": bos + 2} and ids == decoder.encode_marked("abcd")[0]  # after 'ab'; the marker text removed
+    assert positions == {"pts": [bos + 2]} and ids == decoder.encode_marked("abcd")[0]  # after 'ab'; the marker text removed
     rows = [decoder.prepare({"prompt": "ab<points>cd", "target": "x"}, 64), decoder.prepare({"prompt": "<image>cd", "target": "x"}, 64),
             decoder.prepare({"prompt": "cd", "target": "x"}, 64)]
     batch = decoder.collate(rows)
-    assert batch["marker_positions"].tolist() == [[-1, bos + 2], [bos, -1], [-1, -1]]
+    assert batch["marker_positions"].tolist() == [[[-1], [bos + 2]], [[bos], [-1]], [[-1], [-1]]]  # (B, markers, occurrences)
     img, pts = torch.randn(2, decoder.embed_dim), torch.randn(3, decoder.embed_dim)
     out = decoder(prefix_embeds=RowTokens([[("pts", pts)], [("img", img)], []]), **batch)
     embeds = decoder.embed(batch["input_ids"])
@@ -157,7 +157,7 @@ def test_a_marker_places_the_tokens_of_a_graph_with_one_bridge_mid_prompt(tmp_pa
     raw["data"] = {"type": "digits_captions", "split": "train", "limit": 2, "style": "fixed", "template": "raw", "prompt": "Look: <image> Answer:"}
     model = build(raw).eval()
     batch = collator_for(model, max_tokens=64)([build_dataset(model.recipe.data)[i] for i in range(2)])
-    assert "rows" not in batch and batch["node_inputs"]["llm"]["marker_positions"].tolist() == [[6], [6]]  # after "Look: "
+    assert "rows" not in batch and batch["node_inputs"]["llm"]["marker_positions"].tolist() == [[[6]], [[6]]]  # after "Look: "
     with torch.no_grad():
         logits = model(batch)["logits"]
         tokens = model.run_nodes(batch, until_generator=True)["image_bridge"]  # (B, P, D)

@@ -80,6 +80,8 @@ class Collator:
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         prepared: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        several: dict[str, bool] = {}  # encoders some sample of this batch gives several inputs (a list under its field)
+        grouped: set[tuple[str, int]] = set()  # (encoder, sample) pairs that gave a list
         bad: dict[int, str] = {}  # sample id -> why it is dropped
         if self.cache is not None:
             for sample in samples:
@@ -95,12 +97,21 @@ class Collator:
                         continue  # a sample of another modality (a mixture): this encoder skips it
                     raise MMAdaptError(f"graph.{name}.inputs.{port}: the data has no field '{field}'; it has: {', '.join(sorted(sample))}")
                 carrying.append(sample)
+            items = [list(s[field]) if isinstance(s[field], (list, tuple)) else [s[field]] for s in carrying]
+            flat = iter(preprocess_batch([item for group in items for item in group]))  # one call for the whole batch
             values: dict[int, torch.Tensor] = {}
-            for sample, value in zip(carrying, preprocess_batch([s[field] for s in carrying])):
-                if isinstance(value, DataError):
-                    self._skip(sample, value, bad)
+            for sample, group in zip(carrying, items):
+                done = [next(flat) for _ in group]
+                error = next((v for v in done if isinstance(v, DataError)), None if group else
+                             DataError(f"sample {sample['id']} ({sample_source(sample)}): an empty list under '{field}'"))
+                if error is not None:
+                    self._skip(sample, error, bad)
+                elif isinstance(sample[field], (list, tuple)):
+                    several[name] = True
+                    grouped.add((name, sample["id"]))
+                    values[sample["id"]] = torch.stack(done)  # (n_i, ...): the sample's inputs, in the order of its markers
                 else:
-                    values[sample["id"]] = value
+                    values[sample["id"]] = done[0]
             prepared[(name, port)] = values
         generator_rows: dict[int, Any] = {}
         for sample in samples:
@@ -118,6 +129,11 @@ class Collator:
         rows: dict[str, list[int]] = {}  # encoders that run on some rows only: samples of a mixture carry one modality each
         for (name, port), values in prepared.items():
             present = [i for i, s in enumerate(kept) if s["id"] in values]
+            if present and several.get(name):  # each row's inputs one after another; `rows` says whose each one is
+                groups = [values[kept[i]["id"]] if (name, kept[i]["id"]) in grouped else values[kept[i]["id"]][None] for i in present]
+                node_inputs.setdefault(name, {})[port] = torch.cat(groups)  # (sum n_i, ...)
+                rows[name] = [i for i, group in zip(present, groups) for _ in range(group.shape[0])]
+                continue
             if present:
                 node_inputs.setdefault(name, {})[port] = torch.stack([values[kept[i]["id"]] for i in present])  # (B_node, ...)
             if len(present) < len(kept):

@@ -24,7 +24,7 @@ PrefixKind = Literal["embeddings", "token_distribution"]
 PREFIX_KINDS = get_args(PrefixKind)
 
 # (ids, labels, marker positions, spelled-text ids or None): one sample as the collator batches it
-PreparedRow = tuple[list[int], list[int], list[int], list[int] | None]
+PreparedRow = tuple[list[int], list[int], list[list[int]], list[int] | None]
 
 DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}
 BYTE_TOKENIZER = "bytes"  # the `tokenizer:` value for ByT5's file-free byte tokenizer
@@ -206,17 +206,18 @@ class CausalLM(Generator):
     def _tokens(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def encode_marked(self, prompt: str) -> tuple[list[int], dict[str, int]]:
-        """bos + prompt ids with each marker's text removed, and where each marker stood (the source's token position).
+    def encode_marked(self, prompt: str) -> tuple[list[int], dict[str, list[int]]]:
+        """bos + prompt ids with each marker's text removed, and where each marker stood: per source, the token position of
+        each occurrence in order (a sample's k-th input of that source goes to its k-th marker).
 
         ByT5-style tokenizers append an eos by default, so special tokens are added by hand.
         """
         ids = [self.bos_id] if self.bos_id is not None else []
-        positions: dict[str, int] = {}
+        positions: dict[str, list[int]] = {}
         last = 0
         for match in self._marker_pattern.finditer(prompt) if self._marker_pattern else ():
             ids += self._tokens(prompt[last: match.start()])
-            positions[self._marker_source[match.group()]] = len(ids)
+            positions.setdefault(self._marker_source[match.group()], []).append(len(ids))
             last = match.end()
         return ids + self._tokens(prompt[last:]), positions
 
@@ -232,14 +233,18 @@ class CausalLM(Generator):
         ids = (prompt_ids + target_ids)[:max_tokens]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_tokens]
         spelled = self._tokens(sample["spelled_text"]) if self.text_alignment > 0 and sample.get("spelled_text") else None
-        return ids, labels, [positions.get(source, -1) for source in self.marker_sources], spelled
+        return ids, labels, [positions.get(source, []) for source in self.marker_sources], spelled
 
     def collate(self, rows: list[PreparedRow]) -> dict[str, torch.Tensor | None]:
         """Right-padded ids, mask and labels of prepared rows, the marker positions (B, markers), and the spelled texts'
         right-padded ids and mask (B, S) when every row has one (else None: generation and evaluation need none)."""
         input_ids, mask = right_padded([row[0] for row in rows], self.pad_id)
         labels, _ = right_padded([row[1] for row in rows], IGNORE_INDEX)
-        positions = torch.tensor([row[2] for row in rows], dtype=torch.long).reshape(len(rows), len(self.marker_sources))
+        most = max([1] + [len(p) for row in rows for p in row[2]])  # the most occurrences of one marker in a row
+        positions = torch.full((len(rows), len(self.marker_sources), most), -1, dtype=torch.long)  # (B, markers, K), -1: none
+        for index, row in enumerate(rows):
+            for marker, places in enumerate(row[2]):
+                positions[index, marker, : len(places)] = torch.tensor(places, dtype=torch.long)
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "marker_positions": positions,
                  "spelled_ids": None, "spelled_mask": None}
         spelled = [row[3] for row in rows]
@@ -271,7 +276,7 @@ class CausalLM(Generator):
         input_ids: torch.Tensor | None = None,  # (B, T) right-padded
         attention_mask: torch.Tensor | None = None,  # (B, T)
         labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX on prompt and padding
-        marker_positions: torch.Tensor | None = None,  # (B, markers): where each marked source's tokens go, -1 if unmarked
+        marker_positions: torch.Tensor | None = None,  # (B, markers, K): where each marked source's k-th tokens go, -1: none
         spelled_ids: torch.Tensor | None = None,  # (B, S) right-padded: the text the bridge's tokens stand for, per sample
         spelled_mask: torch.Tensor | None = None,  # (B, S)
     ) -> dict[str, torch.Tensor]:
@@ -339,13 +344,20 @@ class CausalLM(Generator):
             ratios.append((error * real).sum() / ((wanted ** 2).sum(-1) * real).sum().clamp(min=1e-12))
         return torch.stack(ratios).mean()
 
-    def _pieces(self, prefix: torch.Tensor | RowTokens, row: int, positions: dict[str, int]) -> list[tuple[int, int, torch.Tensor]]:
-        """(insert position, order, embeddings (P, D)) of one row's bridge tokens: at their marker, else the default place."""
+    def _pieces(self, prefix: torch.Tensor | RowTokens, row: int, positions: dict[str, list[int]]) -> list[tuple[int, int, torch.Tensor]]:
+        """(insert position, order, embeddings (P, D)) of one row's bridge tokens: each source's k-th piece at its k-th
+        marker, else the default place."""
         # A plain (B, P, D) prefix is one bridge's tokens: with a single marker they go where it stood, else to the default place
         sole = self.marker_sources[0] if len(self.marker_sources) == 1 else ""
         found = prefix.rows[row] if isinstance(prefix, RowTokens) else [(sole, prefix[row])]
         default = self._prefix_position()
-        return [(positions.get(source, default), order, self.prefix_to_embeddings(tokens)) for order, (source, tokens) in enumerate(found)]
+        seen: dict[str, int] = {}
+        pieces = []
+        for order, (source, tokens) in enumerate(found):
+            k = seen[source] = seen.get(source, -1) + 1  # this is the source's k-th piece in the row
+            places = positions.get(source, [])
+            pieces.append((places[k] if k < len(places) else default, order, self.prefix_to_embeddings(tokens)))
+        return pieces
 
     @staticmethod
     def _insert(row: torch.Tensor, pieces: list[tuple[int, int, torch.Tensor]], fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -364,7 +376,7 @@ class CausalLM(Generator):
             length = int(mask[row].sum())
             positions = {}
             if marker_positions is not None:
-                positions = {s: int(p) for s, p in zip(self.marker_sources, marker_positions[row].tolist()) if p >= 0}
+                positions = {s: [p for p in places if p >= 0] for s, places in zip(self.marker_sources, marker_positions[row].tolist())}
             pieces = self._pieces(prefix, row, positions)
             places.append((pieces[0][0], pieces[0][2].shape[0]) if len(pieces) == 1 else None)
             out_embeds.append(self._insert(embeds[row, :length], pieces))  # (P_i + T_i, D)

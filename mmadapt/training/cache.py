@@ -95,6 +95,9 @@ class FeatureCache:
             for node in self.nodes:
                 if rows.get(node) == []:
                     continue  # no sample of this batch carries the node's modality
+                if node in rows and len(set(rows[node])) < len(rows[node]):  # one entry per sample holds one input's features
+                    raise MMAdaptError(f"graph.{node}: samples with several inputs each (a list of images) cannot use the "
+                                       "feature cache yet; set train.cache_frozen_features: false")
                 features = self.model.nodes[node](**self.model.node_kwargs(node, batch, {})).cpu()  # (B_node, N, D)
                 node_keys = [batch["keys"][i] for i in rows[node]] if node in rows else batch["keys"]
                 for key, row in zip(node_keys, features):
