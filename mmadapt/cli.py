@@ -49,11 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not trainer.is_main:  # one process reports; the others only trained their share
         return 0
     print(f"card: {card}")
+    from mmadapt.eval.chat import chat_section
     from mmadapt.eval.evaluate import is_labelled, report_card
 
     if trainer.sharded:  # the test split would run on this process alone, and a sharded node needs all of them
         print(f"sharded run: evaluate the card on one process with `mmadapt eval {card}`")
-    elif is_labelled(recipe.data):
+    elif is_labelled(recipe.data) or chat_section(recipe.data) is not None:  # figures a script can read, on the test split
         report_card(trainer.model, card, grid=None)
     return 0
 

@@ -54,7 +54,7 @@ def test_an_unknown_name_is_refused_naming_it_a_close_match_and_every_known_type
     assert all(name in text for name in NODE_TYPES)
     with pytest.raises(UnknownType) as info:
         resolve("zzzzzz", DATA_TYPES)
-    assert "unknown type 'zzzzzz'; known types: audio_captions, digits_captions" in str(info.value)
+    assert "unknown type 'zzzzzz'; known types: audio_captions, conversations, digits_captions, digits_conversations" in str(info.value)
     assert "did you mean" not in str(info.value)
 
 

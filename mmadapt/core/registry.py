@@ -38,6 +38,8 @@ DATA_TYPES: dict[str, str] = {
     "fsdd_captions": "mmadapt.data.fsdd.FSDDCaptions",
     "dreambooth": "mmadapt.data.dreambooth.DreamBoothImages",
     "mixture": "mmadapt.data.mixture.MixtureDataset",
+    "conversations": "mmadapt.data.conversations.Conversations",
+    "digits_conversations": "mmadapt.data.conversations.DigitsConversations",
 }
 
 

@@ -83,9 +83,12 @@ class Collator:
         several: dict[str, bool] = {}  # encoders some sample of this batch gives several inputs (a list under its field)
         grouped: set[tuple[str, int]] = set()  # (encoder, sample) pairs that gave a list
         bad: dict[int, str] = {}  # sample id -> why it is dropped
+        for sample in samples:  # a dataset's stand-in for a row it could not read (see data.conversations)
+            if "problem" in sample:
+                self._skip(sample, DataError(sample["problem"]), bad)
         if self.cache is not None:
             for sample in samples:
-                if not self.cache.has(sample["key"], self.carried_nodes(self.cache.nodes, sample)):
+                if sample["id"] not in bad and not self.cache.has(sample["key"], self.carried_nodes(self.cache.nodes, sample)):
                     self._skip(sample, DataError(f"sample {sample['id']} ({sample_source(sample)}): no cache entry; it failed to encode"), bad)
         for name, port, field, preprocess_batch in self._encoder_data_ports():
             carrying = []

@@ -161,14 +161,21 @@ def report_card(model: AssembledModel, card: str | Path, grid: str | None = None
     validation data (or its training data) and a few generations."""
     from mmadapt.core.registry import import_dotted
 
+    from mmadapt.eval.chat import chat_section
+
     hook = model.generator.evaluation
-    if hook and is_labelled(model.recipe.data):
+    if hook and (is_labelled(model.recipe.data) or chat_section(model.recipe.data) is not None):
         return import_dotted(hook)(model, Path(card), grid, limit)
     return report_loss(model, Path(card), grid, limit)
 
 
 def report_text(model: AssembledModel, card: Path, grid: str | None, limit: int | None) -> dict[str, Any]:
-    """A text generator's figures on the test split, per part for a mixture (each modality on its own test split)."""
+    """A text generator's figures on the test split, per part for a mixture (each modality on its own test split); a
+    card trained on digits conversations gets the chat figures."""
+    from mmadapt.eval.chat import CAPTIONS, EVAL_COUNT, chat_section, report_chat
+
+    if chat_section(model.recipe.data) is not None:  # and stage 1's captions, asked of the stage-2 card
+        return report_chat(model, card, limit, evaluate_digits(model, limit=limit or EVAL_COUNT, data=CAPTIONS))
     parts = labelled_parts(model.recipe.data)
     if len(parts) > 1:
         measured = []

@@ -13,9 +13,10 @@ from mmadapt.core.nodes import RowTokens, adapters_off
 from mmadapt.core.params import Dtype, NonNegativeFloat
 from mmadapt.core.semantics import (Finding, NodeContext, inline_config_findings, meta_built, quiet_transformers, read_config,
                                     readable_config, source_finding)
+from mmadapt.generators.chat import IGNORE_INDEX  # the label value the HF loss skips: prompt, prefix, padding
 from mmadapt.zoo import resolve_checkpoint
 
-IGNORE_INDEX = -100  # label value the HF loss skips: prompt, prefix and padding positions
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "</s>", "<|end|>")  # where chat templates end an assistant turn: generation stops
 
 # How bridge outputs enter the LM: as input embeddings (width = hidden size), or as a distribution over the
 # vocabulary (width = vocabulary size) whose expected token embedding is fed in, keeping every prefix
@@ -114,6 +115,9 @@ class CausalLM(Generator):
         # tokens, are pulled toward its states after the sample's `spelled_text` (a sentence naming what the tokens stand
         # for, e.g. "The picture shows a seven.") in their place. A dense signal where the caption loss gives one word.
         text_alignment: NonNegativeFloat = 0.0,
+        # For conversation data (LLaVA's JSON): a chat template by name (llama3, chatml, vicuna, mistral: see
+        # mmadapt.generators.chat.CHAT_TEMPLATES) or as Jinja text; None: the tokenizer's own. Unused by caption data.
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
@@ -136,6 +140,7 @@ class CausalLM(Generator):
         if text_alignment < 0:
             raise MMAdaptError(f"text_alignment must be 0 or more, got {text_alignment}")
         self.text_alignment = text_alignment
+        self.chat_template = chat_template
         folder_config = read_config(checkpoint, config)
         self.config = lm_config(folder_config)
         with torch.random.fork_rng():
@@ -227,13 +232,61 @@ class CausalLM(Generator):
 
     def prepare(self, sample: dict[str, Any], max_tokens: int) -> PreparedRow:
         """Token ids and labels of prompt + target + eos, labels masked on the prompt; each marker's position (-1: absent);
-        and the ids of the sample's spelled text, when it has one and text_alignment asks for it."""
+        and the ids of the sample's spelled text, when it has one and text_alignment asks for it. A conversation sample
+        goes through the chat template instead: every assistant turn is scored, nothing else."""
+        if "conversations" in sample:
+            return self.prepare_chat(sample["conversations"], max_tokens)
         prompt_ids, positions = self.encode_marked(sample["prompt"])
         target_ids = self._tokens(sample["target"]) + [self.eos_id]
         ids = (prompt_ids + target_ids)[:max_tokens]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_tokens]
         spelled = self._tokens(sample["spelled_text"]) if self.text_alignment > 0 and sample.get("spelled_text") else None
         return ids, labels, [positions.get(source, []) for source in self.marker_sources], spelled
+
+    # --- conversations: the chat template decides the text; the markers in it decide where inputs go ---
+    def template(self) -> str:
+        from mmadapt.generators.chat import resolve_template
+
+        return resolve_template(self.tokenizer, self.chat_template)
+
+    def _marker_places(self, found: list[tuple[str, int]]) -> dict[str, list[int]]:
+        places: dict[str, list[int]] = {}
+        for text, at in found:
+            places.setdefault(self._marker_source[text], []).append(at)
+        return places
+
+    def prepare_chat(self, conversation: list[dict[str, Any]], max_tokens: int) -> PreparedRow:
+        """A LLaVA-format conversation: ids and labels (assistant turns only) by the chat template; a conversation that
+        ends with the user (a question to answer) gets the generation prompt and no labels."""
+        from mmadapt.generators.chat import encode_chat, encode_generation_prompt, messages_from_llava
+
+        messages = messages_from_llava(conversation)
+        if messages[-1]["role"] == "user":
+            ids, found = encode_generation_prompt(self.tokenizer, messages, self.template(), list(self._marker_source))
+            labels = [IGNORE_INDEX] * len(ids)
+        else:
+            encoded = encode_chat(self.tokenizer, messages, self.template(), list(self._marker_source), max_tokens)
+            ids, labels, found = encoded.ids, encoded.labels, encoded.markers
+        places = self._marker_places(found)
+        return ids, labels, [places.get(source, []) for source in self.marker_sources], None
+
+    def _prompt_ids(self, prompt: str | list[dict[str, Any]]) -> tuple[list[int], dict[str, list[int]]]:
+        """A prompt's ids and marker places: a string as written (after bos), a conversation through the chat template."""
+        if isinstance(prompt, str):
+            return self.encode_marked(prompt)
+        from mmadapt.generators.chat import encode_generation_prompt, messages_from_llava
+
+        ids, found = encode_generation_prompt(self.tokenizer, messages_from_llava(prompt), self.template(), list(self._marker_source))
+        return ids, self._marker_places(found)
+
+    def _stop_ids(self) -> list[int]:
+        """eos, and the end-of-turn tokens chat templates write, where the tokenizer has them as one token."""
+        stops = [self.eos_id] if self.eos_id is not None else []
+        for text in END_OF_TURN:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1 and ids[0] not in stops:
+                stops.append(ids[0])
+        return stops
 
     def collate(self, rows: list[PreparedRow]) -> dict[str, torch.Tensor | None]:
         """Right-padded ids, mask and labels of prepared rows, the marker positions (B, markers), and the spelled texts'
@@ -396,7 +449,7 @@ class CausalLM(Generator):
     @torch.no_grad()
     def generate(
         self,
-        prompts: list[str],
+        prompts: list[str] | list[list[dict[str, Any]]],  # texts, or LLaVA-format conversations ending with a question
         prefix_embeds: torch.Tensor | RowTokens | None = None,  # (B, P, D), or per-row pieces (mixed batch)
         max_new_tokens: int = 16,
         do_sample: bool = False,
@@ -406,7 +459,7 @@ class CausalLM(Generator):
         """Left-pad [prefix][bos prompt] per sample, so no padding sits between prefix and prompt."""
         rows = []
         for index, prompt in enumerate(prompts):
-            ids, positions = self.encode_marked(prompt)
+            ids, positions = self._prompt_ids(prompt)
             row = self.embed(torch.tensor(ids, dtype=torch.long, device=self.model.device))  # (T_i, D)
             if prefix_embeds is not None:
                 row = self._insert(row, self._pieces(prefix_embeds, index, positions))  # (P_i + T_i, D)
@@ -421,7 +474,7 @@ class CausalLM(Generator):
             attention_mask=mask.to(embeds.device),
             max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
+            eos_token_id=self._stop_ids() if any(not isinstance(p, str) for p in prompts) else self.eos_id,
             **sampling,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
