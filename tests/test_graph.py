@@ -185,7 +185,7 @@ def test_constructor_problems_unknown_missing_inferred_and_text_numbers() -> Non
     from bridges.qformer import QFormer
 
     found = messages(constructor_problems(MLPProjector, {"hidden_dim": 40, "num_layer": 2}, "graph.p"))
-    assert found == ["graph.p.num_layer: MLPProjector has no argument 'num_layer'; accepted: in_dim, out_dim, hidden_dim, num_layers",
+    assert found == ["graph.p.num_layer: MLPProjector has no argument 'num_layer'; accepted: in_dim, out_dim, hidden_dim, num_layers, init_from",
                      "graph.p.in_dim: required by MLPProjector and not given", "graph.p.out_dim: required by MLPProjector and not given"]
     assert constructor_problems(MLPProjector, {"hidden_dim": 40}, "graph.p", ("in_dim", "out_dim")) == []  # widths: inferred
     assert messages(constructor_problems(MLPProjector, {"hidden_dim": 0}, "graph.p", ("in_dim", "out_dim"))) == [
