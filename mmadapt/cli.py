@@ -64,6 +64,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmadapt.serve.inference import load_card
 
     model = load_card(args.card, trust_code=args.trust_card_code)
+    if args.data:  # any user's file: captions or conversations
+        from mmadapt.eval.files import report_file
+
+        report_file(model, args.data, args.report, limit=args.limit)
+        return 0
     report_card(model, args.card, grid=args.grid, limit=args.limit)
     return 0
 
@@ -196,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--trust-card-code", action="store_true", help=TRUST_HELP)
     generate.set_defaults(handler=cmd_generate)
-    evaluate = sub.add_parser("eval", help="caption accuracy, zero-shot QA and CIDEr of a digits card on the test split")
+    evaluate = sub.add_parser("eval", help="a card's figures on its test split (digits), or on your own file (--data)")
     evaluate.add_argument("card", help="a bridge card folder")
+    evaluate.add_argument("--data", help="a caption JSONL ({image, text}) or a LLaVA-format conversation JSON/JSONL to measure on")
+    evaluate.add_argument("--report", help="where --data's JSON report goes (default: FILE.eval.json beside the file)")
     evaluate.add_argument("--grid", help="also write a PNG grid of test digits with their captions")
     evaluate.add_argument("--limit", type=int, help="only the first N test samples (quick checks)")
     evaluate.add_argument("--trust-card-code", action="store_true", help=TRUST_HELP)
