@@ -13,6 +13,8 @@ from mmadapt.core.registry import DATA_TYPES, UnknownType, resolve, sub_sections
 from mmadapt.data.collate import batch_to_device, build_dataset, collator_for
 
 EVAL_COUNT = 300  # test conversations asked by default (each has 2-3 turns)
+# Answers run to ~30 digits-lm tokens ("three is smaller than seven, so the second": words outside its vocabulary are
+# spelled in pieces), so turns are generated up to 32 new tokens.
 CAPTIONS = {"type": "digits_captions", "template": "instruction", "prompt": "What does it show?"}  # stage 1's data
 
 
@@ -46,7 +48,7 @@ def turn_queries(sample: dict[str, Any], start_id: int) -> list[tuple[dict[str, 
 
 @torch.no_grad()
 def evaluate_chat(model: AssembledModel, section: dict[str, Any], split: str = "test", count: int = EVAL_COUNT,
-                  batch_size: int = 50, max_new_tokens: int = 16) -> dict[str, Any]:
+                  batch_size: int = 50, max_new_tokens: int = 32) -> dict[str, Any]:
     """Turn accuracy overall, per kind, on held-out phrasings and on two-image questions, with a few examples."""
     model.eval()
     dataset = build_dataset({**section, "split": split, "count": count, "limit": None})
