@@ -3,7 +3,9 @@
     python benchmarks/behaviour.py --out runs/behaviour --record benchmarks/behaviour-before.json    # before a refactor
     python benchmarks/behaviour.py --out runs/behaviour --compare benchmarks/behaviour-before.json   # after it
 
-It runs `mmadapt` in subprocesses and reads only what a user sees (metrics.jsonl, eval.json, the diffusers export), so
+Float rounding differs between CPUs, so a record holds for the machine it was made on: behaviour-before.json is the
+first machine's, behaviour-before-amd-epyc.json a 2-core AMD EPYC's, both recorded with the tree before the redesign
+(abc2931). It runs `mmadapt` in subprocesses and reads only what a user sees (metrics.jsonl, eval.json, the diffusers export), so
 it measures the same thing before and after any change inside the package. Losses must agree to 1e-6, accuracies
 exactly, and the stock pipeline's image from the personalize export to 1e-6 per pixel.
 """
