@@ -144,3 +144,21 @@ def test_a_graph_no_stock_class_holds_is_refused_with_exit_2_and_nothing_written
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main(["export", str(tmp_path / "card"), str(tmp_path / "full")]) == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("recipe, says", [
+    ("multimodal.yaml", "takes 3 bridge inputs (image_qformer, audio_grid, points_qformer)"),
+    ("audio-grid.yaml", "llava: 'grid' is TokenEmbedder"),  # the grid reader is no per-token projector (and BLIP-2: AudioMAE)
+])
+def test_several_modalities_or_an_audio_encoder_have_no_stock_class(recipe: str, says: str) -> None:
+    import yaml
+
+    from mmadapt.core.assemble import assemble
+    from mmadapt.core.validate import check_recipe
+    from mmadapt.errors import ExportError
+
+    raw = yaml.safe_load((HERE.parent / "recipes/mini" / recipe).read_text())
+    model = assemble(*check_recipe(raw, recipe, for_training=False))  # the graph alone: no data needed
+    with pytest.raises(ExportError) as refused:
+        model.generator.export_stock(model, Path("/nonexistent/never-written"))
+    assert says in str(refused.value) and "\n  - blip2: " in str(refused.value)

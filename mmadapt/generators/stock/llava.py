@@ -56,10 +56,15 @@ def projector_problem(chain: Chain, text_width: int) -> str | None:
 
 
 def projector_layers(bridge: nn.Module) -> list[nn.Linear] | None:
-    """The projector's linear layers when it is one Linear, or Linear -> exact GELU -> Linear; else None."""
-    if isinstance(getattr(bridge, "proj", None), nn.Linear) and len(list(bridge.children())) == 1:
+    """The projector's linear layers when it is one Linear, or Linear -> exact GELU -> Linear; else None. Only the
+    per-token projectors qualify: another bridge with an `mlp` (the token bridge reads the whole grid) is not LLaVA's."""
+    from bridges.projector import LinearProjector, MLPProjector
+
+    if isinstance(bridge, LinearProjector):
         return [bridge.proj]
-    parts = list(getattr(bridge, "mlp", []))
+    if not isinstance(bridge, MLPProjector):
+        return None
+    parts = list(bridge.mlp)
     if (len(parts) == 3 and isinstance(parts[0], nn.Linear) and isinstance(parts[2], nn.Linear)
             and isinstance(parts[1], nn.GELU) and parts[1].approximate == "none"):
         return [parts[0], parts[2]]
