@@ -34,6 +34,15 @@ def format_sample(template: str, text: str, prompt: str = "") -> tuple[str, str]
     return prompt_format.format(prompt=prompt), target_format.format(text=text)
 
 
+def prompt_for(section: dict[str, Any], question: str | None = None) -> str:
+    """The prompt for a section: with no question, the one it trained with (its caption prompt); a question goes into
+    its template, and a raw template (a prompt as written, no question slot) is asked in eval's instruction form."""
+    template = section.get("template", "caption")
+    if not question:
+        return format_sample(template, "", section.get("prompt", ""))[0]
+    return format_sample("instruction" if template == "raw" else template, "", question)[0]
+
+
 def file_key(path: Path) -> str:
     """Content hash of a file: the cache entry changes when the file's bytes do, whatever its name."""
     return hashlib.sha1(path.read_bytes()).hexdigest()

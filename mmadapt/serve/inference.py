@@ -13,7 +13,7 @@ from mmadapt.core.card import load_card_weights, read_card, refuse_card_code
 from mmadapt.core.checkpoint_io import remove_stale_temp_dirs
 from mmadapt.core.registry import sub_sections
 from mmadapt.data.collate import batch_to_device, build_dataset, collator_for
-from mmadapt.data.captions import format_sample
+from mmadapt.data.captions import prompt_for  # noqa: F401 - demos and tests import it from here
 from mmadapt.errors import MMAdaptError
 from mmadapt.core.model import AssembledModel
 from mmadapt.core.validate import check_recipe
@@ -76,15 +76,6 @@ def section_for(model: AssembledModel, fields: set[str]) -> dict[str, Any]:
         if fields <= own:
             return part
     return {"template": "instruction", "prompt": ""}  # a combination no part trained: asked as eval asks questions
-
-
-def prompt_for(section: dict[str, Any], question: str | None = None) -> str:
-    """The prompt for a section: with no question, the one it trained with (its caption prompt); a question goes into
-    its template, and a raw template (a prompt as written, no question slot) is asked in eval's instruction form."""
-    template = section.get("template", "caption")
-    if not question:
-        return format_sample(template, "", section.get("prompt", ""))[0]
-    return format_sample("instruction" if template == "raw" else template, "", question)[0]
 
 
 def generate_from_files(model: AssembledModel, field: str, files: list[Any], prompt: str = "", **settings: Any) -> list[str]:

@@ -56,12 +56,11 @@ EXPORT_NOTES = "mmadapt_export.json"  # beside the stock files: the card's train
 
 
 def trained_prompt(model: AssembledModel) -> str:
-    """The prompt the card was trained with, formatted by its data template, as `mmadapt generate` asks with no question."""
+    """The prompt the card was trained with, as `mmadapt generate` asks with no question."""
     from mmadapt.core.registry import sub_sections
-    from mmadapt.data.captions import format_sample
+    from mmadapt.data.captions import prompt_for
 
-    section = (sub_sections(model.recipe.data) or [model.recipe.data])[0]
-    return format_sample(section.get("template", "caption"), "", section.get("prompt", ""))[0]
+    return prompt_for((sub_sections(model.recipe.data) or [model.recipe.data])[0])
 
 
 def processor_text(model: AssembledModel, tokenizer: Any, image_token: str = "") -> str:
