@@ -34,6 +34,21 @@ def test_a_caption_file_gets_cider_bleu_and_every_caption(card: Path, tmp_path: 
     assert 0.0 <= report["bleu4"] <= 1.0 and report["cider"] >= 0.0
 
 
+def test_caption_rows_are_asked_in_the_cards_template_once(word_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """An instruction-template card asks "Question: What does it show? Answer:", not that wrapped a second time."""
+    from mmadapt.core.card import save_card
+    from mmadapt.eval.files import report_file
+    from mmadapt.serve.inference import load_card
+
+    model = chat_graph(word_tokenizer_dir)
+    model.recipe.data.update(template="instruction", prompt="What does it show?")
+    card = save_card(model, tmp_path / "card")
+    digits(1)[0].save(tmp_path / "0.png")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "0.png", "text": "a handwritten zero"}) + "\n")
+    figures = report_file(load_card(card), tmp_path / "c.jsonl", tmp_path / "r.json")
+    assert figures["outputs"][0]["prompt"] == "Question: What does it show? Answer:"
+
+
 def test_a_conversation_file_gets_exact_and_contains_of_the_last_turn(card: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
     from mmadapt.cli import main

@@ -37,10 +37,14 @@ def turn_queries(sample: dict[str, Any], start_id: int) -> list[tuple[dict[str, 
         if message["from"] != "gpt":
             continue
         history = sample["conversations"][:end]
-        images = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
-        held = sum(m["value"].count("<image>") for m in history)
-        query = {"image": images[:held] if len(images) > 1 else images[0], "conversations": history, "prompt": "",
-                 "target": "", "text": "", "key": f"{sample['key']}:{turn}", "id": start_id + len(queries)}
+        query = {"conversations": history, "prompt": "", "target": "", "text": "", "key": f"{sample['key']}:{turn}",
+                 "id": start_id + len(queries)}
+        if "image" in sample:
+            images = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
+            held = sum(m["value"].count("<image>") for m in history)
+            query["image"] = images[:held] if len(images) > 1 else images[0]
+        else:  # a text-only conversation
+            query["fields_absent"] = sample.get("fields_absent", ["image"])
         queries.append((query, turn))
         turn += 1
     return queries

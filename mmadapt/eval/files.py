@@ -33,22 +33,22 @@ def evaluate_conversations(model: AssembledModel, path: Path, limit: int | None,
                            max_new_tokens: int) -> dict[str, Any]:
     """Each sample's last assistant turn, answered after the conversation before it (gold earlier turns)."""
     from mmadapt.data.conversations import Conversations
+    from mmadapt.eval.chat import turn_queries
 
     dataset = Conversations(str(path), limit=limit)
     samples = [dataset[i] for i in range(len(dataset))]
     bad = [s["problem"] for s in samples if "problem" in s]
     queries, expected = [], []
     for sample in (s for s in samples if "problem" not in s):
-        last = max(i for i, turn in enumerate(sample["conversations"]) if turn["from"] == "gpt")
-        query = {**sample, "conversations": sample["conversations"][:last], "prompt": "", "target": "", "text": ""}
-        queries.append(query)
-        expected.append(sample["conversations"][last]["value"])
+        query, turn = turn_queries(sample, len(queries))[-1]  # the last assistant turn, after the gold turns before it
+        queries.append({**query, "sample_id": sample["sample_id"]})
+        expected.append([t for t in sample["conversations"] if t["from"] == "gpt"][turn]["value"])
     collate = collator_for(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)
     device = next(model.parameters()).device
     answers: list[str] = []
     for offset in range(0, len(queries), batch_size):
         chunk = queries[offset: offset + batch_size]
-        batch = batch_to_device(collate([dict(q, id=i) for i, q in enumerate(chunk)]), device)
+        batch = batch_to_device(collate(chunk), device)
         answers += model.generate(batch, [q["conversations"] for q in chunk], max_new_tokens=max_new_tokens)
     exact = [normalized(a) == normalized(e) for a, e in zip(answers, expected)]
     contains = [normalized(e) in normalized(a) for a, e in zip(answers, expected)]
@@ -65,7 +65,7 @@ def evaluate_captions(model: AssembledModel, path: Path, limit: int | None, batc
     """A caption for every row, asked the way the card was trained (its data's template and prompt)."""
     from pycocoevalcap.bleu.bleu import Bleu
 
-    from mmadapt.data.captions import ImageCaptionDataset, format_sample
+    from mmadapt.data.captions import ImageCaptionDataset
     from mmadapt.eval.evaluate import cider
     from mmadapt.serve.inference import generate_for_samples
 
@@ -73,16 +73,20 @@ def evaluate_captions(model: AssembledModel, path: Path, limit: int | None, batc
     template = data.get("template", "caption") if isinstance(data, dict) else "caption"
     dataset = ImageCaptionDataset(str(path), template=template, prompt=data.get("prompt", "") if isinstance(data, dict) else "")
     rows = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
-    prompt = format_sample(template, "", rows[0]["prompt"] if "prompt" in rows[0] else "")[0]
-    captions: list[str] = []
-    for offset in range(0, len(rows), batch_size):
-        captions += generate_for_samples(model, rows[offset: offset + batch_size], prompt, max_new_tokens=max_new_tokens)
+    captions: list[str] = [""] * len(rows)
+    for prompt in dict.fromkeys(row["prompt"] for row in rows):  # the dataset formatted each row's prompt already
+        indices = [i for i, row in enumerate(rows) if row["prompt"] == prompt]
+        for offset in range(0, len(indices), batch_size):
+            chunk = indices[offset: offset + batch_size]
+            for i, caption in zip(chunk, generate_for_samples(model, [rows[i] for i in chunk], prompt, max_new_tokens=max_new_tokens)):
+                captions[i] = caption
     references = {i: [row["text"]] for i, row in enumerate(rows)}
     generated = dict(enumerate(captions))
     bleu, _ = Bleu(4).compute_score({k: [normalized(r) or "empty" for r in v] for k, v in references.items()},
                                     {k: [normalized(v) or "empty"] for k, v in generated.items()}, verbose=0)
     return {"kind": "captions", "samples": len(rows), "cider": cider(references, generated), "bleu4": float(bleu[3]),
-            "outputs": [{"image": row["image"], "reference": row["text"], "generated": c} for row, c in zip(rows, captions)]}
+            "outputs": [{"image": row["image"], "prompt": row["prompt"], "reference": row["text"], "generated": c}
+                        for row, c in zip(rows, captions)]}
 
 
 def report_file(model: AssembledModel, path: str | Path, report: str | Path | None, limit: int | None = None,
