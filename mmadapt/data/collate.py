@@ -80,7 +80,6 @@ class Collator:
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         prepared: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-        several: dict[str, bool] = {}  # encoders some sample of this batch gives several inputs (a list under its field)
         grouped: set[tuple[str, int]] = set()  # (encoder, sample) pairs that gave a list
         bad: dict[int, str] = {}  # sample id -> why it is dropped
         for sample in samples:  # a dataset's stand-in for a row it could not read (see data.conversations)
@@ -110,7 +109,6 @@ class Collator:
                 if error is not None:
                     self._skip(sample, error, bad)
                 elif isinstance(sample[field], (list, tuple)):
-                    several[name] = True
                     grouped.add((name, sample["id"]))
                     values[sample["id"]] = torch.stack(done)  # (n_i, ...): the sample's inputs, in the order of its markers
                 else:
@@ -132,7 +130,7 @@ class Collator:
         rows: dict[str, list[int]] = {}  # encoders that run on some rows only: samples of a mixture carry one modality each
         for (name, port), values in prepared.items():
             present = [i for i, s in enumerate(kept) if s["id"] in values]
-            if present and several.get(name):  # each row's inputs one after another; `rows` says whose each one is
+            if present and any(node == name for node, _ in grouped):  # each row's inputs one after another; `rows` says whose each one is
                 groups = [values[kept[i]["id"]] if (name, kept[i]["id"]) in grouped else values[kept[i]["id"]][None] for i in present]
                 node_inputs.setdefault(name, {})[port] = torch.cat(groups)  # (sum n_i, ...)
                 rows[name] = [i for i, group in zip(present, groups) for _ in range(group.shape[0])]
