@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmadapt.data.conversations import (HELD_OUT_COMBINATIONS, HELD_OUT_PHRASINGS, KINDS, PHRASINGS, Conversations,
+from mmadapt.data.conversations import (HELD_OUT_PAIRS, HELD_OUT_PHRASINGS, KINDS, PAIR_KINDS, PHRASINGS, Conversations,
                                         DigitsConversations, answer_is_right)
 from mmadapt.data.modalities import content_key
 from mmadapt.errors import DataError
@@ -173,15 +173,20 @@ def test_every_kind_appears_and_held_out_phrasings_only_in_test(digits: dict[str
         questions = [t["value"].lower() for s in data.samples for t in s["conversations"][0::2]]
         flags = [f for s in data.samples for f in s["held_out"]]
         uses_held = [q for q in questions if any(h.lower() in q for h in held)]
-        second_plus_one = [q for q in questions if re.search(r"the second one plus one|(add one to|after|up from) the second one", q)]
+        pairs = [frozenset(s["labels"]) for s in data.samples if len(s["labels"]) == 2]
+        held_pairs = [(k, frozenset(s["labels"]), f) for s in data.samples for k, f in zip(s["turn_kinds"], s["held_pair"])]
+        assert all(f == (k in ("larger", "sum") and p in HELD_OUT_PAIRS) for k, p, f in held_pairs), split
         if split == "test":
-            assert uses_held and second_plus_one and 0.2 < sum(flags) / len(flags) < 0.5
+            assert uses_held and 0.15 < sum(flags) / len(flags) < 0.4
             seen = {(k, any(h.lower() in t["value"].lower() for h in held)) for s in data.samples
                     for k, t, f in zip(s["turn_kinds"], s["conversations"][0::2], s["held_out"]) if f}
             assert {k for k, phrased in seen if phrased} == set(KINDS)  # each kind has held-out phrasings in test
+            assert {p for p in pairs if p in HELD_OUT_PAIRS} == set(HELD_OUT_PAIRS)  # every held-out pair is asked about
+            assert sum(f for _, _, f in held_pairs) >= 30
         else:
-            assert not uses_held and not second_plus_one and not any(flags), split
-    assert ("plus_one", "the second one") in HELD_OUT_COMBINATIONS
+            assert not uses_held and not any(flags), split
+            assert not set(pairs) & HELD_OUT_PAIRS, split  # never shown together outside test
+    assert all(len(p) == 2 for p in HELD_OUT_PAIRS)
 
 
 def test_the_same_arguments_draw_the_same_samples(digits: dict[str, DigitsConversations]) -> None:
@@ -205,7 +210,11 @@ def test_the_same_arguments_draw_the_same_samples(digits: dict[str, DigitsConver
     ("larger", [3, 7], ["three is smaller than seven, so the second", "The second one.", "the second is larger"],
      ["the first", "they are equal"]),
     ("larger", [8, 2], ["eight is larger than two, so the first"], ["the second one"]),
-    ("larger", [5, 5], ["both are five, so they are equal", "They are the same."], ["the first", "the second"]),
+    ("larger", [5, 5], ["both are five, so they are equal", "They are the same.", "five is not bigger than five"],
+     ["the first", "the second", "five is bigger than five"]),
+    ("larger", [3, 7], ["three is not bigger than seven", "three is smaller than seven"],
+     ["seven is not bigger than three", "three is bigger than seven", "three is not smaller than seven", "three and seven"]),
+    ("larger", [8, 2], ["eight is bigger than two", "eight is not smaller than two"], ["two is bigger than eight", "eight is not bigger than two"]),
     ("sum", [9, 8], ["nine plus eight is seventeen", "17", "The sum is 17."], ["nine plus eight is sixteen", "nine"]),
     ("sum", [0, 1], ["zero plus one is one"], ["zero plus one is two"]),
 ])
@@ -228,3 +237,48 @@ def test_validate_accepts_a_recipe_on_digits_conversations_and_names_bad_values(
         check_recipe(raw, "bad.yaml")
     assert {str(p) for p in info.value.problems} == {"data.split: expected one of train, val, test, got 'tran'",
                                                      "data.count: must be >= 1, got 0"}
+
+
+def test_chat_evaluation_scores_each_turn_and_group_from_the_answers_given(word_tokenizer_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate_chat on a graph whose generation is replaced: gold answers score 1 in every group; no answer about a
+    pair scores 0 on exactly the pair's groups (two-image questions, single-picture questions about a pair)."""
+    from conftest import build, tiny_recipe
+    from mmadapt.eval.chat import evaluate_chat
+
+    raw = tiny_recipe("mlp_projector")
+    raw["graph"]["llm"].update(tokenizer=str(word_tokenizer_dir), prefix_after_bos=True, markers={"mlp_projector": "<image>"},
+                               chat_template="chatml")
+    section = {"type": "digits_conversations", "split": "train", "count": 8}
+    raw["data"] = section
+    model = build(raw)
+    data = DigitsConversations(split="test", count=40)
+    gold, pairs, both = [], set(), set()  # by the query's id: evaluate_chat numbers the turns in order
+    for sample in data.samples:
+        for i, kind in enumerate(sample["turn_kinds"]):
+            if len(sample["labels"]) == 2:
+                pairs.add(len(gold))
+                if kind in PAIR_KINDS:
+                    both.add(len(gold))
+            gold.append(sample["conversations"][2 * i + 1]["value"])
+
+    def answering(right: set[int]) -> Any:
+        def generate(batch: Any, conversations: list[list[dict[str, str]]], **settings: Any) -> list[str]:
+            return [gold[i] if i in right else "" for i in batch["ids"]]
+        return generate
+
+    monkeypatch.setattr(model, "generate", answering(set(range(len(gold)))))
+    figures = evaluate_chat(model, section, count=40, batch_size=16)
+    assert figures["conversations"] == 40 and figures["turns"] == len(gold)
+    assert figures["turn_accuracy"] == figures["held_out_accuracy"] == figures["two_image_accuracy"] == 1.0
+    assert set(figures["per_kind"]) == set(KINDS) and set(figures["per_kind"].values()) == {1.0}
+    assert set(figures["breakdown"]) == {"round 1", "round 2", "round 3", "one of two pictures"}
+    monkeypatch.setattr(model, "generate", answering(set(range(len(gold))) - pairs))  # nothing right about a pair
+    figures = evaluate_chat(model, section, count=40, batch_size=16)
+    assert figures["two_image_accuracy"] == figures["breakdown"]["one of two pictures"] == 0.0
+    assert figures["per_kind"]["larger"] == figures["per_kind"]["sum"] == 0.0
+    assert figures["turn_accuracy"] == pytest.approx(1 - len(pairs) / len(gold))
+    monkeypatch.setattr(model, "generate", answering(both))  # only the questions about both pictures right
+    figures = evaluate_chat(model, section, count=40, batch_size=16)
+    assert figures["two_image_accuracy"] == 1.0 and figures["breakdown"]["one of two pictures"] == 0.0
+    assert figures["per_kind"]["shows"] == figures["per_kind"]["even"] == figures["per_kind"]["plus_one"] == 0.0

@@ -167,11 +167,21 @@ SINGLE_KINDS = ("shows", "even", "plus_one")  # about one image ({ref}: "it", or
 PAIR_KINDS = ("larger", "sum")  # about both images of a pair
 # The phrasings of each kind that train and val use; the test split uses these and HELD_OUT_PHRASINGS.
 PHRASINGS: dict[str, tuple[str, ...]] = {
-    "shows": ("What does {ref} show?", "What is written in {ref}?", "Which digit is {ref}?", "What number do you see in {ref}?"),
-    "even": ("Is {ref} even?", "Is {ref} an even number?", "Is {ref} divisible by two?"),
-    "plus_one": ("What is {ref} plus one?", "What do you get if you add one to {ref}?", "What number comes right after {ref}?"),
-    "larger": ("Which of the two is larger?", "Which one is the bigger number?", "Which digit is greater, the first or the second?"),
-    "sum": ("What is their sum?", "What do the two add up to?", "What do you get if you add them together?"),
+    "shows": ("What does {ref} show?", "What is written in {ref}?", "Which digit is {ref}?", "What number do you see in {ref}?",
+              "What digit is shown in {ref}?", "Tell me what {ref} shows.", "Can you read {ref}?", "What is in {ref}?",
+              "Which number is drawn in {ref}?", "What can you see in {ref}?", "Describe {ref}.", "Say what {ref} is.",
+              "What do you make of {ref}?", "What do you think {ref} is?", "How do you read {ref}?"),
+    "even": ("Is {ref} even?", "Is {ref} an even number?", "Is {ref} divisible by two?", "Does {ref} show an even number?",
+             "Is the number in {ref} even?", "Tell me whether {ref} is even.", "Even or odd: what about {ref}?"),
+    "plus_one": ("What is {ref} plus one?", "What do you get if you add one to {ref}?", "What number comes right after {ref}?",
+                 "What is one more than {ref}?", "Add one to {ref}: what do you get?", "Which number follows {ref}?",
+                 "Which number is one greater than {ref}?", "If you increase {ref} by one, what is the result?"),
+    "larger": ("Which of the two is larger?", "Which one is the bigger number?", "Which digit is greater, the first or the second?",
+               "Which is larger?", "Which of them is greater?", "Which picture shows the bigger digit?",
+               "Which number is larger, the first or the second?", "Which of the two digits is the largest?"),
+    "sum": ("What is their sum?", "What do the two add up to?", "What do you get if you add them together?",
+            "Add the two digits.", "What is the first one plus the second one?", "What is the total of the two?",
+            "Sum them up.", "What do they add up to?"),
 }
 # Phrasings only the test split asks: held_out marks the turns that use one.
 HELD_OUT_PHRASINGS: dict[str, tuple[str, ...]] = {
@@ -181,8 +191,14 @@ HELD_OUT_PHRASINGS: dict[str, tuple[str, ...]] = {
     "larger": ("Of these two, which number is higher?",),
     "sum": ("How much are the two digits together?",),
 }
-# (kind, referent) pairs only the test split asks: train asks plus_one of a pair's first image only.
-HELD_OUT_COMBINATIONS: frozenset[tuple[str, str]] = frozenset({("plus_one", "the second one")})
+HELD_OUT_SHARE = 0.25  # of the test split's questions: enough held-out turns (~190 of 300 conversations' ~750) to measure
+# Unordered digit pairs only the test split shows together: a sum or comparison of them was never trained.
+HELD_OUT_PAIRS: frozenset[frozenset[int]] = frozenset(frozenset(p) for p in ((0, 9), (1, 6), (2, 7), (3, 8), (4, 5), (6, 9)))
+HELD_OUT_PAIR_SHARE = 0.3  # of the test split's pairs
+# Politeness around any question, so that a kind is told by its content words, not its frame ("would you", "tell me").
+FRAMES = ("Tell me, {q}", "Can you tell me: {q}", "Please answer: {q}", "Quick question: {q}", "I want to know: {q}")
+FRAMED_SHARE = 0.3
+PAIR_SHARE = 0.6  # of conversations: a pair's questions (which one, their sum) are the harder half
 SINGLE_INTROS = (IMAGE + "\n{q}", "{q}\n" + IMAGE)  # LLaVA puts the placeholder before or after the first question
 PAIR_INTROS = ("Here are two digits: " + IMAGE + " and " + IMAGE + ". {q}", IMAGE + "\n" + IMAGE + "\n{q}",
                "The first picture: " + IMAGE + "\nThe second picture: " + IMAGE + "\n{q}")
@@ -201,12 +217,10 @@ def answer_for(kind: str, digits: list[int], rng: random.Random) -> str:
     if kind == "plus_one":
         return REASONED["What is it plus one?"](digits[0])  # "seven plus one is eight"
     a, b = digits
-    if kind == "sum":
-        return f"{WORDS[a]} plus {WORDS[b]} is {SUM_WORDS[a + b]}"
-    if kind == "larger":
-        if a == b:
-            return f"both are {WORDS[a]}, so they are equal"
-        return f"{WORDS[a]} is {'larger' if a > b else 'smaller'} than {WORDS[b]}, so the {'first' if a > b else 'second'}"
+    if kind == "sum":  # a sum the LM has no word for (twelve and up: spelled in pieces, which derailed it) is a numeral
+        return f"{WORDS[a]} plus {WORDS[b]} is {NUMBER_WORDS[a + b] if a + b < len(NUMBER_WORDS) else a + b}"
+    if kind == "larger":  # the LM's own "is bigger than five" pattern, in picture order: equal digits are "not bigger"
+        return f"{WORDS[a]} is {'bigger' if a > b else 'not bigger'} than {WORDS[b]}"
     raise DataError(f"unknown question kind '{kind}'; kinds: {', '.join(KINDS)}")
 
 
@@ -254,7 +268,16 @@ def answer_is_right(kind: str, answer: str, labels: list[int]) -> bool:
     if kind == "larger":
         a, b = labels[:2]
         verdict = _last_of(words, {"first": "first", "second": "second", "equal": "equal", "same": "equal"})
-        return verdict == ("first" if a > b else "second" if a < b else "equal")
+        if verdict is not None:
+            return verdict == ("first" if a > b else "second" if a < b else "equal")
+        # "A is (not) bigger than B": both digits named in picture order, and the relation right
+        relation = next((w for w in words if w in ("bigger", "larger", "greater", "smaller")), None)
+        if relation is None or numbers[:2] != [a, b]:
+            return False
+        negated = "not" in words
+        if relation == "smaller":
+            return a >= b if negated else a < b
+        return a <= b if negated else a > b
     raise DataError(f"unknown question kind '{kind}'; kinds: {', '.join(KINDS)}")
 
 
@@ -262,15 +285,17 @@ class DigitsConversations(Dataset):
     """Multi-turn (2-3 rounds) LLaVA-format conversations about one or two scikit-learn digits of one stored split.
 
     The first human turn holds one <image> per image; later turns refer back ("And is it even?"). Per gpt turn a sample
-    says its kind (turn_kinds), the digits it asks about (turn_labels) and whether its phrasing, or the (kind, image)
-    pairing, is one train never sees (held_out: test only; val asks as train does). The samples are drawn once, at
-    construction, from (split, seed): the same arguments give the same list.
+    says its kind (turn_kinds), the digits it asks about (turn_labels), whether its phrasing is one train never sees
+    (held_out), and whether it asks about both digits of a pair train never shows together (held_pair); both are test
+    only, val asks as train does. The samples are drawn once, at construction, from (split, seed): the same arguments
+    give the same list.
     """
 
     judge = staticmethod(lambda kind, answer, labels: answer_is_right(kind, answer, labels))  # what `mmadapt eval` asks
     pair_kinds = PAIR_KINDS  # the questions about two images
 
-    fields: ClassVar[frozenset[str]] = CAPTION_FIELDS | {"image", "conversations", "turn_kinds", "turn_labels", "held_out", "labels"}
+    fields: ClassVar[frozenset[str]] = CAPTION_FIELDS | {"image", "conversations", "turn_kinds", "turn_labels", "held_out",
+                                                         "held_pair", "labels"}
 
     def __init__(
         self,
@@ -286,28 +311,40 @@ class DigitsConversations(Dataset):
 
     def _phrasing(self, kind: str, rng: random.Random) -> tuple[str, bool]:
         """A phrasing of `kind` and whether it is held out (only the test split draws those)."""
-        held = HELD_OUT_PHRASINGS[kind] if self.split == "test" else ()
-        phrasing = rng.choice(PHRASINGS[kind] + held)
-        return phrasing, phrasing in held
+        if self.split == "test" and rng.random() < HELD_OUT_SHARE:
+            return rng.choice(HELD_OUT_PHRASINGS[kind]), True
+        return rng.choice(PHRASINGS[kind]), False
+
+    def _pair(self, rng: random.Random) -> list[int]:
+        """Two scans of the split; a held-out digit pair only in test (HELD_OUT_PAIR_SHARE of its pairs)."""
+        labels_of = load_digits_arrays()[1]
+        if self.split == "test" and rng.random() < HELD_OUT_PAIR_SHARE:
+            a, b = rng.sample(sorted(sorted(p) for p in HELD_OUT_PAIRS), 1)[0]
+            a, b = (a, b) if rng.random() < 0.5 else (b, a)
+            return [rng.choice([i for i in self.pool if labels_of[i] == d]) for d in (a, b)]
+        while True:
+            indices = [rng.choice(self.pool) for _ in range(2)]
+            if frozenset(int(labels_of[i]) for i in indices) not in HELD_OUT_PAIRS:
+                return indices
 
     def _draw(self, rng: random.Random) -> dict[str, Any]:
         labels_of = load_digits_arrays()[1]
-        pair = rng.random() < 0.5
-        indices = [rng.choice(self.pool) for _ in range(2 if pair else 1)]
+        pair = rng.random() < PAIR_SHARE
+        indices = self._pair(rng) if pair else [rng.choice(self.pool)]
         digits = [int(labels_of[i]) for i in indices]
         rounds = rng.choice((2, 3))
         if pair:
             options = [(k, "") for k in PAIR_KINDS] + [(k, r) for k in SINGLE_KINDS for r in REFS]
-            if self.split != "test":
-                options = [o for o in options if o not in HELD_OUT_COMBINATIONS]
             first = rng.choice([o for o in options if o[0] in PAIR_KINDS])  # the first question is about both
             asked = [first] + rng.sample([o for o in options if o != first], rounds - 1)
         else:
             asked = [(k, "it") for k in rng.sample(SINGLE_KINDS, rounds)]
-        turns, kinds, held_out, turn_labels = [], [], [], []
+        turns, kinds, held_out, held_pairs, turn_labels = [], [], [], [], []
         for number, (kind, ref) in enumerate(asked):
             phrasing, held = self._phrasing(kind, rng)
             question = phrasing.format(ref=ref)
+            if rng.random() < FRAMED_SHARE:
+                question = rng.choice(FRAMES).format(q=question[0].lower() + question[1:])
             if number == 0:
                 question = rng.choice(PAIR_INTROS if pair else SINGLE_INTROS).format(q=question)
             else:
@@ -316,10 +353,11 @@ class DigitsConversations(Dataset):
             asks = digits if kind in PAIR_KINDS else [digits[REFS.index(ref)] if pair else digits[0]]
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer_for(kind, asks, rng)}]
             kinds.append(kind)
-            held_out.append(held or (kind, ref) in HELD_OUT_COMBINATIONS)
+            held_out.append(held)
+            held_pairs.append(kind in PAIR_KINDS and frozenset(digits) in HELD_OUT_PAIRS)
             turn_labels.append(asks)
         return {"indices": indices, "labels": digits, "conversations": turns, "turn_kinds": kinds, "held_out": held_out,
-                "turn_labels": turn_labels}
+                "held_pair": held_pairs, "turn_labels": turn_labels}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -335,4 +373,5 @@ class DigitsConversations(Dataset):
                 "prompt": turns[0]["value"], "target": answer, "text": answer,
                 "key": keys[0] if len(keys) == 1 else hashlib.sha1(" ".join(keys).encode()).hexdigest(), "id": position,
                 "labels": list(drawn["labels"]), "turn_kinds": list(drawn["turn_kinds"]),
-                "turn_labels": [list(t) for t in drawn["turn_labels"]], "held_out": list(drawn["held_out"])}
+                "turn_labels": [list(t) for t in drawn["turn_labels"]], "held_out": list(drawn["held_out"]),
+                "held_pair": list(drawn["held_pair"])}

@@ -13,8 +13,8 @@ from mmadapt.core.registry import DATA_TYPES, UnknownType, resolve, sub_sections
 from mmadapt.data.collate import batch_to_device, build_dataset, collator_for
 
 EVAL_COUNT = 300  # test conversations asked by default (each has 2-3 turns)
-# Answers run to ~30 digits-lm tokens ("three is smaller than seven, so the second": words outside its vocabulary are
-# spelled in pieces), so turns are generated up to 32 new tokens.
+# Turns are generated up to 32 new tokens: an answer in words outside digits-lm's vocabulary is spelled in pieces and
+# runs to ~30 ("the number six, written by hand" is 11).
 CAPTIONS = {"type": "digits_captions", "template": "instruction", "prompt": "What does it show?"}  # stage 1's data
 
 
@@ -73,7 +73,10 @@ def evaluate_chat(model: AssembledModel, section: dict[str, Any], split: str = "
     for (query, sample, turn), answer in zip(asked, answers):
         kind = sample["turn_kinds"][turn]
         right = judge(kind, answer, sample["turn_labels"][turn])
-        groups = [kind, "all"] + (["held_out"] if sample["held_out"][turn] else []) + (["two_image"] if kind in dataset.pair_kinds else [])
+        groups = [kind, "all", f"round {turn + 1}"] + (["held_out"] if sample["held_out"][turn] else []) + \
+            (["held_pair"] if sample.get("held_pair", [False] * (turn + 1))[turn] else []) + \
+            (["two_image"] if kind in dataset.pair_kinds else []) + \
+            (["one of two pictures"] if kind not in dataset.pair_kinds and isinstance(sample.get("image"), list) else [])
         for group in groups:
             hits.setdefault(group, []).append(right)
         if len(examples) < 6:
@@ -81,9 +84,11 @@ def evaluate_chat(model: AssembledModel, section: dict[str, Any], split: str = "
                              "expected": sample["conversations"][2 * turn + 1]["value"] if len(sample["conversations"]) > 2 * turn + 1 else "",
                              "right": right})
     rate = {group: sum(v) / len(v) for group, v in hits.items()}
+    breakdown = {g: rate.pop(g) for g in sorted(rate) if g.startswith("round ") or g == "one of two pictures"}
     return {"conversations": len(dataset), "turns": len(asked), "turn_accuracy": rate.pop("all"),
             "held_out_accuracy": rate.pop("held_out", float("nan")), "two_image_accuracy": rate.pop("two_image", float("nan")),
-            "per_kind": rate, "examples": examples}
+            "held_out_pairs_accuracy": rate.pop("held_pair", float("nan")),
+            "per_kind": rate, "breakdown": breakdown, "examples": examples}
 
 
 def report_chat(model: AssembledModel, card: Path, limit: int | None, captions: dict[str, Any]) -> dict[str, Any]:
@@ -97,8 +102,11 @@ def report_chat(model: AssembledModel, card: Path, limit: int | None, captions: 
     print(f"turn accuracy: {figures['turn_accuracy']:.3f}")
     for kind, value in sorted(figures["per_kind"].items()):
         print(f"turn accuracy, {kind}: {value:.3f}")
+    for group, value in figures["breakdown"].items():  # by the turn's round, and single-picture questions about a pair
+        print(f"turn accuracy, {group}: {value:.3f}")
     print(f"held-out phrasings accuracy: {figures['held_out_accuracy']:.3f}")
     print(f"two-image accuracy: {figures['two_image_accuracy']:.3f}")
+    print(f"held-out pairs accuracy: {figures['held_out_pairs_accuracy']:.3f}")  # sums and comparisons of pairs train never showed
     print(f"caption accuracy: {figures['caption_accuracy']:.3f}")
     for example in figures["examples"]:
         print(f"  e.g. {example}")
