@@ -85,3 +85,32 @@ def test_generation_continues_a_conversation_and_stops_at_the_end_of_turn(word_t
     assert len(answers) == 1 and isinstance(answers[0], str)
     end = model.generator.tokenizer("</s>", add_special_tokens=False)["input_ids"]
     assert model.generator._stop_ids()[: len(end)] == end[:1]  # eos first; the template's end of turn where it is one token
+
+
+def test_a_streamed_reply_grows_token_by_token_to_the_generated_one_and_a_failure_is_raised(word_tokenizer_dir: Path) -> None:
+    import pytest
+
+    from mmadapt.errors import MMAdaptError
+    from mmadapt.serve.inference import generate_reply, stream_reply
+
+    model = chat_graph(word_tokenizer_dir)
+    history, pictures = TWO_IMAGES[:3], {"image": digits(2)}
+    whole = generate_reply(model, history, pictures, max_new_tokens=8)
+    parts = list(stream_reply(model, history, pictures, max_new_tokens=8))
+    assert whole and parts[-1] == whole and len(parts) >= 3, parts
+    assert all(whole.startswith(part) for part in parts)
+    assert model.generator.chats()
+    with pytest.raises(MMAdaptError, match="ends with the user's turn"):  # raised from the generation thread, not a hang
+        list(stream_reply(model, TWO_IMAGES, pictures, max_new_tokens=8))
+
+
+def test_the_training_log_asks_a_conversation_s_last_question_after_its_history(word_tokenizer_dir: Path) -> None:
+    from mmadapt.data.collate import collator_for
+
+    model = chat_graph(word_tokenizer_dir)
+    sample = {"image": digits(2), "conversations": TWO_IMAGES, "prompt": TWO_IMAGES[0]["value"], "target": "t",
+              "text": TWO_IMAGES[-1]["value"], "key": "k", "id": 0}
+    batch = collator_for(model, max_tokens=512)([sample])
+    assert batch["prompts"] == [TWO_IMAGES[:3]] and batch["texts"] == ["one is odd, so no"]
+    examples = model.generator.examples(model, batch, 1, Path("unused"), 0, write=False, max_new_tokens=4)
+    assert examples[0]["reference"] == "one is odd, so no" and isinstance(examples[0]["generated"], str)

@@ -28,6 +28,15 @@ Reader = tuple[str, str, str, Callable[[list[Any]], list[Any]]]
 BadReport = tuple[int, str, str]  # (sample id, source file, reason): one bad sample met once
 
 
+def prompt_of(sample: dict[str, Any]) -> str | list[dict[str, str]]:
+    """What generation continues for a sample: its prompt, or a conversation up to its last answer (so that the training
+    log's examples ask the last question after its history, through the chat template, as `mmadapt eval` does)."""
+    turns = sample.get("conversations")
+    if isinstance(turns, list) and len(turns) > 1 and turns[-1].get("from") == "gpt":
+        return turns[:-1]
+    return sample["prompt"]
+
+
 class BadSamples:
     """The bad samples a run met: each distinct one (by sample id) with its source and first reason, and how many
     times any was met (a bad file is met again every epoch)."""
@@ -149,7 +158,7 @@ class Collator:
             "size": len(kept),
             "ids": [s["id"] for s in kept],
             "keys": [s["key"] for s in kept],
-            "prompts": [s["prompt"] for s in kept],
+            "prompts": [prompt_of(s) for s in kept],
             "targets": [s["target"] for s in kept],
             "texts": [s["text"] for s in kept],
             "node_inputs": node_inputs,
