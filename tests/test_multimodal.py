@@ -134,6 +134,34 @@ def test_a_bridge_from_another_cards_graph_loads_beside_a_new_one(tmp_path: Path
         build(joint)
 
 
+def test_a_card_that_started_from_another_card_loads_without_it_unless_it_keeps_that_bridge_frozen(tmp_path: Path) -> None:
+    import shutil
+
+    from mmadapt.core.card import save_card
+    from mmadapt.serve.inference import load_card
+    from mmadapt.training.trainer import Trainer
+    from mmadapt.core.validate import check_recipe
+
+    single = joint_recipe(tmp_path / "points-only")
+    single["graph"] = {k: v for k, v in single["graph"].items() if k in ("points", "points_bridge", "llm")}
+    single["graph"]["llm"].update(inputs={"prefix_embeds": "points_bridge"}, markers={"points_bridge": "<points>"})
+    single["data"] = single["data"]["parts"][1]
+    source = Path(Trainer(*check_recipe(single, "test")).train())
+    further = dict(single, train={**single["train"], "output_dir": str(tmp_path / "further")})
+    further["graph"] = {**single["graph"], "points_bridge": {**single["graph"]["points_bridge"], "from_card": str(source)}}
+    trained_further = Path(Trainer(*check_recipe(further, "test")).train())  # stage 2: the bridge trains on
+    frozen = joint_recipe(tmp_path / "joint")
+    frozen["graph"]["points_bridge"].update(from_card=str(source), trainable=False)
+    kept_frozen = save_card(build(frozen), tmp_path / "frozen-card")
+    shutil.move(source, tmp_path / "moved")  # the stage-1 card is gone (another machine, another folder)
+
+    model = load_card(trained_further)  # its own tensors for that bridge: where it started is not needed
+    stored = load_file(str(trained_further / "bridge.safetensors"))
+    assert all(torch.equal(p, stored[f"points_bridge.{k}"]) for k, p in model.nodes["points_bridge"].named_parameters())
+    with pytest.raises(RecipeError, match="graph.points_bridge.from_card"):  # a frozen bridge lives only in its source card
+        load_card(kept_frozen)
+
+
 def test_inference_skips_modalities_a_sample_lacks_but_refuses_a_sample_with_none(tmp_path: Path) -> None:
     from mmadapt.data.collate import build_dataset
     from mmadapt.serve.inference import generate_for_samples

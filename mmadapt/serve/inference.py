@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,12 @@ def load_card(directory: str | Path, trust_code: bool = False) -> AssembledModel
     directory = Path(directory)
     beside = Path(os.path.abspath(directory))  # the folder atomic_dir saved it into, symlinks not followed
     remove_stale_temp_dirs(beside.parent, re.escape(beside.name))
-    raw, _ = read_card(directory)
+    raw, meta = read_card(directory)
     refuse_card_code(raw, directory, trust_code)
+    held = {key.split(".")[0] for key in meta.get("trainable_tensors") or {}}
+    for name, node in (raw.get("graph") or {}).items():
+        if isinstance(node, dict) and name in held:
+            node.pop("from_card", None)  # the card holds this node's trained tensors; where training started is history
     recipe, plan = check_recipe(raw, source=f"{directory}/recipe.yaml", for_training=False)  # its training data may be elsewhere
     model = assemble(recipe, plan)
     load_card_weights(model, directory)
@@ -93,3 +99,58 @@ def generate_from_files(model: AssembledModel, field: str, files: list[Any], pro
 def generate_from_images(model: AssembledModel, images: list[Any], prompt: str = "", **settings: Any) -> list[str]:
     """Caption or answer about each image; `prompt` is filled into the card's data template."""
     return generate_from_files(model, "image", images, prompt, **settings)
+
+
+def generate_reply(model: AssembledModel, conversation: list[dict[str, str]], inputs: dict[str, list[Any]],
+                   **settings: Any) -> str:
+    """The next assistant turn of a LLaVA-format conversation (it ends with the user's turn), through the card's chat
+    template. `inputs` holds each field's inputs in the order of their markers in the conversation, e.g. {'image': [a, b]};
+    settings go to generation (max_new_tokens, do_sample, temperature, streamer)."""
+    if not model.generator.chats():
+        raise MMAdaptError("this card's language model has no chat template: ask each question on its own")
+    if not conversation or conversation[-1].get("from") != "human":
+        raise MMAdaptError("a conversation to answer ends with the user's turn")
+    wanted = encoder_fields(model)
+    sample: dict[str, Any] = {"conversations": conversation, "prompt": "", "target": "", "text": "", "key": "chat", "id": 0}
+    for field, items in inputs.items():
+        if items:
+            sample[field] = items if len(items) > 1 else items[0]
+    sample["fields_absent"] = sorted(wanted - set(sample))
+    if wanted and not wanted & set(sample):
+        raise MMAdaptError(f"the conversation carries none of the inputs the card's encoders read ({', '.join(sorted(wanted))})")
+    batch = collator_for(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)([sample])
+    batch = batch_to_device(batch, next(model.parameters()).device)
+    with torch.no_grad():
+        return model.generate(batch, [conversation], **settings)[0]
+
+
+def stream_reply(model: AssembledModel, conversation: list[dict[str, str]], inputs: dict[str, list[Any]],
+                 **settings: Any) -> Iterator[str]:
+    """generate_reply, yielding the reply so far as its tokens arrive; the last value yielded is the whole reply.
+
+    Generation runs in a thread feeding transformers' TextIteratorStreamer; its failure is raised here, after the stream."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(model.generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: list[str] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(generate_reply(model, conversation, inputs, streamer=streamer, **settings))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            failure.append(exc)
+        finally:
+            streamer.end()  # a failure before generation would leave the stream waiting
+
+    thread = threading.Thread(target=run, name="mmadapt-stream-reply", daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        if text.strip():
+            yield text.strip()
+    thread.join()
+    if failure:
+        raise failure[0]
+    yield result[0]
