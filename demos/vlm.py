@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,15 @@ from mmadapt.serve.demo import (CARDS_DIR, EXAMPLES_DIR, MODEL_QUEUE, Limits, as
 from mmadapt.errors import CardError, DataError
 
 log = logging.getLogger("mmadapt.serve.demo.vlm")
-DEFAULT_CARD = CARDS_DIR / "mini-qformer"
+DEFAULT_CARD = CARDS_DIR / "mini-qformer"  # stage 1: captions, and each question asked alone
+CHAT_CARD = CARDS_DIR / "mini-chat"  # stage 2: chats, with history and several pictures
+DEFAULT_CARDS = (CHAT_CARD, DEFAULT_CARD)
 DIGIT_EXAMPLES = EXAMPLES_DIR / "digits"
 DECODING = ("greedy", "sampled")
+CAPTION_QUESTION = "What does it show?"  # how a chat card is asked for a caption: stage 1's caption instruction
 # The zoo's digits are 8x8: draw them large, as pixels rather than blur.
-CSS = "#vlm-input img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain} .gallery img {image-rendering: pixelated}"
+CSS = ("#vlm-input img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain} .gallery img {image-rendering: pixelated} "
+       "#chat img {image-rendering: pixelated; width: 64px; height: 64px}")
 
 
 def data_fields(model: Any) -> dict[str, str]:
@@ -91,7 +96,7 @@ def answer(model: Any, fields: list[str], values: list[Any], question: str | Non
 
     A multi-modality card takes whichever of its inputs are given (at least one); a single-modality card needs its own.
     """
-    from mmadapt.serve.inference import generate_for_samples, prompt_for, section_for
+    from mmadapt.serve.inference import generate_for_samples, generate_reply, prompt_for, section_for
 
     by_field = dict(zip(fields, values))
     own = data_fields(model)
@@ -103,6 +108,10 @@ def answer(model: Any, fields: list[str], values: list[Any], question: str | Non
         sample[field] = read_input(modality, by_field.get(field), field, limits)
     if mixed and not set(own) & set(sample):
         raise DataError(f"no input given; this card takes any of: {', '.join(own)}")
+    if model.generator.chats():  # a stage-2 card: the question (or the caption question) as a one-turn conversation
+        inputs = {field: [sample[field]] for field in own if field in sample}
+        turn = with_markers(question or CAPTION_QUESTION, 1, chat_marker(model))
+        return generate_reply(model, [{"from": "human", "value": turn}], inputs, **settings).strip()
     section = section_for(model, set(own) & set(sample))
     prompt = prompt_for(section, question)
     template = section.get("template", "caption")
@@ -112,12 +121,57 @@ def answer(model: Any, fields: list[str], values: list[Any], question: str | Non
     return (reply.split(turn)[0] if turn else reply).strip()  # a reply that runs on into a new turn stops there, as a chat reply would
 
 
+def chat_marker(model: Any) -> str:
+    """The text a chat card's conversations mark its picture's place with (its recipe's `markers`, e.g. "<image>")."""
+    markers = set(getattr(model.generator, "markers", {}).values())
+    if len(markers) != 1:
+        raise CardError(f"this demo chats with cards whose LM reads one input marker; this card's: {sorted(markers) or 'none'}")
+    return markers.pop()
+
+
+def with_markers(text: str, pictures: int, marker: str) -> str:
+    """A user turn's text with one marker per picture attached to it: where the user wrote them, else before the text."""
+    written = text.count(marker)
+    if written == pictures:
+        return text
+    if written:
+        raise DataError(f"message: {written} {marker} in the text but {pictures} pictures attached to it")
+    return marker * pictures + ("\n" if pictures else "") + text
+
+
+def chat_turn(model: Any, state: dict[str, Any], text: str, paths: list[str], settings: dict[str, Any],
+              limits: Limits) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The card's reply to one user turn with the pictures at `paths`, streamed: (the reply so far, the state after it).
+
+    A chat card (its LM has a chat template) gets the whole conversation and every picture so far; any other text card
+    is asked the question about the latest picture alone, as stage 1 was trained."""
+    from mmadapt.serve.inference import stream_reply
+
+    images = state["images"] + paths
+    if len(images) > limits.max_chat_pictures:
+        raise DataError(f"message: a conversation holds at most {limits.max_chat_pictures} pictures "
+                        f"({len(state['images'])} given before, {len(paths)} now); clear the chat to start again")
+    if not images and "image" in data_fields(model):
+        raise DataError("message: no picture yet; attach one to the message (or give one on the left)")
+    if not model.generator.chats():
+        if model.recipe.data.get("template", "caption") == "caption" and sub_sections(model.recipe.data) is None:
+            raise DataError("message: this card was trained with the caption template, which has no question slot")
+        yield answer(model, ["image"], images[-1:], text, settings, limits), {"turns": [], "images": images[-1:]}
+        return
+    pictures = [check_image(p, limits, "message") for p in images]  # (re)read: the state keeps the uploads' paths
+    turns = state["turns"] + [{"from": "human", "value": with_markers(text, len(paths), chat_marker(model))}]
+    reply = ""
+    for reply in stream_reply(model, turns, {"image": pictures}, **settings):
+        yield reply, state
+    yield reply, {"turns": turns + [{"from": "gpt", "value": reply}], "images": images}
+
+
 def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = None) -> Any:
-    """The caption-and-chat page for the given cards (default: the shipped mini-qformer card); not launched."""
+    """The caption-and-chat page for the given cards (default: the shipped chat and stage-1 cards); not launched."""
     import gradio as gr
 
     limits = limits or Limits()
-    card_set = CardSet([str(c) for c in (cards or [DEFAULT_CARD])])
+    card_set = CardSet([str(c) for c in (cards or DEFAULT_CARDS)])
     fields = list(card_set.fields)
     first = next(iter(card_set.models))
 
@@ -137,23 +191,40 @@ def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = No
         return answer(model, fields, values, None, settings_of(decoding, temperature, max_tokens), limits)
 
     @as_ui_errors
-    def ask(card: str, question: str, history: list[dict[str, Any]] | None, *args: Any) -> tuple[list[dict[str, Any]], str]:
+    def send(card: str, message: dict[str, Any], state: dict[str, Any] | None,
+             *args: Any) -> Iterator[tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]]:
+        """One user turn: its pictures (else, first, the picture on the left) and text; the reply streams into the chat.
+        The conversation lives in the session (`state`), so an API client sends only the new message."""
         values, (decoding, temperature, max_tokens) = list(args[: len(fields)]), args[len(fields):]
         model = card_set.get(card)
-        if model.recipe.data.get("template", "caption") == "caption" and sub_sections(model.recipe.data) is None:
-            raise DataError(f"card {card}: it was trained with the caption template, which has no question slot")
-        if not (question or "").strip():
-            raise DataError("question: empty; type a question about the input")
-        reply = answer(model, fields, values, question.strip(), settings_of(decoding, temperature, max_tokens), limits)
-        turn = [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": reply}]
-        history = list(history or []) + turn
-        history = history[max(0, len(history) - limits.max_chat_messages):]  # the last turns: sent back within the limit
-        return history, ""
+        settings = settings_of(decoding, temperature, max_tokens)
+        text, files = (message.get("text") or "").strip(), list(message.get("files") or [])
+        if not text:
+            raise DataError("message: empty; type a question about the pictures")
+        state = state if state and state.get("card") == card else {"card": card, "turns": [], "images": [], "shown": []}
+        if len(state["shown"]) >= limits.max_chat_messages:
+            raise DataError(f"chat: {len(state['shown'])} messages; the limit is {limits.max_chat_messages}; clear the chat")
+        paths = [str(f.get("path") if isinstance(f, dict) else f) for f in files]
+        for path in paths:
+            check_image(path, limits, "message")  # refused before the chat shows it
+        left = values[fields.index("image")] if "image" in fields else None
+        if not paths and not state["images"] and left is not None:  # the picture given on the left starts the chat
+            check_image(left, limits, "image")
+            paths = [str(left)]
+        shown = state["shown"] + [{"role": "user", "content": {"path": p}} for p in paths] + [{"role": "user", "content": text}]
+        cleared = {"text": "", "files": []}
+        for reply, after in chat_turn(model, state, text, paths, settings, limits):
+            said = shown + [{"role": "assistant", "content": reply}]
+            yield said, cleared, {**after, "card": card, "shown": said}
+
+    def clear() -> tuple[list[Any], dict[str, Any], None]:
+        return [], {"text": "", "files": []}, None
 
     with gr.Blocks(analytics_enabled=False, title="mmadapt: caption and chat") as demo:
         gr.Markdown("# Caption and chat\nA frozen encoder and a frozen language model joined by a small trained bridge "
-                    "(a card). Give an input, get a caption, then ask about it; each question is asked about the "
-                    "input on its own, in the card's prompt template.")
+                    "(a card). Give an input and get a caption; or chat: attach one or more pictures to a message and ask. "
+                    "A chat card (mini-chat) reads the whole conversation and every picture in it, through its chat "
+                    "template; a stage-1 card (mini-qformer) answers each question about the latest picture alone.")
         card = gr.Dropdown(list(card_set.models) + list(card_set.refused), value=first, label="Card",
                            interactive=len(cards or []) > 1)
         with gr.Row():
@@ -169,20 +240,25 @@ def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = No
                 with gr.Accordion("Generation settings", open=False):
                     decoding = gr.Radio(list(DECODING), value="greedy", label="Decoding")
                     temperature = gr.Slider(0.1, 2.0, value=0.8, step=0.05, label="Temperature (sampled only)")
-                    max_tokens = gr.Slider(1, 64, value=16, step=1, label="Max new tokens")
+                    max_tokens = gr.Slider(1, 64, value=32, step=1, label="Max new tokens")  # a pair's answers run to ~30
                 caption_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column():
                 caption_box = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
-                chat = gr.Chatbot(label="Chat", elem_id="chat", height=300)
-                question = gr.Textbox(label="Question", placeholder="Is it even?", elem_id="question")
-                ask_button = gr.Button("Ask", elem_id="ask-button")
+                chat = gr.Chatbot(label="Chat", elem_id="chat", height=360)
+                message = gr.MultimodalTextbox(label="Message", elem_id="message", file_types=["image"], file_count="multiple",
+                                               placeholder="Attach pictures, then ask: What is their sum?", submit_btn="Ask")
+                clear_button = gr.Button("Clear the chat", elem_id="clear-button", size="sm")
+                # {"card", "turns": the LLaVA turns so far, "images": their pictures' paths in order, "shown": the chat}
+                conversation = gr.State(None)
         settings = [decoding, temperature, max_tokens]
         card.change(switch_card, [card], widgets, api_name="switch_card")  # no model call: outside the model's queue
         one_queue = {"concurrency_id": MODEL_QUEUE, "concurrency_limit": 1}  # captions and questions wait in one line
         caption_button.click(caption, [card, *widgets, *settings], caption_box, api_name="caption", **one_queue)
-        ask_inputs = [card, question, chat, *widgets, *settings]
-        ask_button.click(ask, ask_inputs, [chat, question], api_name="ask", **one_queue)
-        question.submit(ask, ask_inputs, [chat, question], api_name=False, **one_queue)
+        message.submit(send, [card, message, conversation, *widgets, *settings], [chat, message, conversation],
+                       api_name="chat", **one_queue)
+        clear_button.click(clear, None, [chat, message, conversation], api_name="clear")
+        chat.clear(clear, None, [chat, message, conversation], api_name=False)  # the chat's own bin empties the history too
+        card.change(clear, None, [chat, message, conversation], api_name=False)
         guard_requests(demo, limits)
         demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.serve.demo.launch passes it
     return demo

@@ -58,9 +58,9 @@ def picture_card(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vlm(picture_card: Path) -> Iterator[tuple[Any, Client]]:
-    from demos.vlm import DEFAULT_CARD, build_demo
+    from demos.vlm import CHAT_CARD, DEFAULT_CARD, build_demo
 
-    demo, client = serve(build_demo([DEFAULT_CARD, picture_card], SMALL_LIMITS))
+    demo, client = serve(build_demo([CHAT_CARD, DEFAULT_CARD, picture_card], SMALL_LIMITS))
     yield demo, client
     demo.close()
 
@@ -80,6 +80,15 @@ def caption(client: Client, card: str, image: Any) -> str:
     return client.predict(card, image, "greedy", 1.0, 16, api_name="/caption")
 
 
+def message(text: Any, *pictures: Path) -> dict[str, Any]:
+    """The chat box's value: typed text and attached pictures."""
+    return {"text": text, "files": [handle_file(p) for p in pictures]}
+
+
+def reply_text(shown: dict[str, Any]) -> str:
+    return shown["content"][0]["text"]
+
+
 # --- vlm ---
 def test_vlm_captions_name_the_digit_and_answers_follow_up_questions(vlm: tuple[Any, Client]) -> None:
     from demos.vlm import DEFAULT_CARD
@@ -89,12 +98,57 @@ def test_vlm_captions_name_the_digit_and_answers_follow_up_questions(vlm: tuple[
         text = caption(client, str(DEFAULT_CARD), handle_file(path))
         assert named_digit(text) == label_of(path), (path.name, text)
     seven = next(p for p in DIGITS if label_of(p) == 7)
-    history, cleared = client.predict(str(DEFAULT_CARD), "Is it even?", [], handle_file(seven), "greedy", 1.0, 16, api_name="/ask")
-    assert cleared == ""
-    assert [m["role"] for m in history] == ["user", "assistant"]
-    assert "no" in history[1]["content"][0]["text"].lower().split(".")[0]  # seven is odd
+    history, cleared = client.predict(str(DEFAULT_CARD), message("Is it even?"), handle_file(seven), "greedy", 1.0, 16, api_name="/chat")
+    assert cleared == {"text": "", "files": []}
+    assert [m["role"] for m in history] == ["user", "user", "assistant"]  # the picture on the left, the question, the reply
+    assert "no" in reply_text(history[-1]).lower().split(".")[0]  # seven is odd
     sampled = client.predict(str(DEFAULT_CARD), handle_file(seven), "sampled", 0.7, 4, api_name="/caption")
     assert 0 < len(sampled.split()) <= 4  # max tokens caps the reply
+
+
+PAIR = (7, 5)  # two test digits the shipped chat card answers every question below about (12 of the 90 pairs are)
+
+
+def test_vlm_chats_about_two_pictures_with_history_and_streams_the_reply(vlm: tuple[Any, Client],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmadapt.serve.inference
+    from demos.vlm import CHAT_CARD
+    from mmadapt.data.conversations import answer_is_right
+
+    demo, _ = vlm
+    asked: list[tuple[list[dict[str, str]], int]] = []
+    stock = mmadapt.serve.inference.generate_reply
+
+    def spy(model: Any, conversation: list[dict[str, str]], inputs: dict[str, list[Any]], **settings: Any) -> str:
+        asked.append(([dict(turn) for turn in conversation], len(inputs["image"])))
+        return stock(model, conversation, inputs, **settings)
+
+    monkeypatch.setattr(mmadapt.serve.inference, "generate_reply", spy)
+    client = Client(demo.local_url, verbose=False)  # a session of its own: the conversation lives in it
+    card, (a, b) = str(CHAT_CARD), PAIR
+    first, second = (next(p for p in DIGITS if label_of(p) == d) for d in PAIR)
+    job = client.submit(card, message("What is their sum?", first, second), None, "greedy", 1.0, 32, api_name="/chat")
+    shown, cleared = job.result(timeout=120)
+    streamed = [reply_text(output[0][-1]) for output in job.outputs()]
+    final = reply_text(shown[-1])
+    assert len(set(streamed)) >= 3 and all(final.startswith(part) for part in streamed), streamed  # token by token
+    assert answer_is_right("sum", final, [a, b]), final
+    for question, kind, labels in [("And what does the first one show?", "shows", [a]), ("Is the second one even?", "even", [b])]:
+        shown, _ = client.predict(card, message(question), None, "greedy", 1.0, 32, api_name="/chat")
+        assert answer_is_right(kind, reply_text(shown[-1]), labels), (question, reply_text(shown[-1]))
+    assert cleared == {"text": "", "files": []}
+    assert [m["role"] for m in shown] == ["user"] * 3 + ["assistant", "user", "assistant", "user", "assistant"]
+    # the card was given the whole conversation each turn, both pictures at the first turn's two markers
+    assert [len(conversation) for conversation, _ in asked] == [1, 3, 5] and {n for _, n in asked} == {2}
+    final_turns = asked[-1][0]
+    assert final_turns[0]["value"].count("<image>") == 2 and final_turns[1]["value"] == final
+    assert [t["from"] for t in final_turns] == ["human", "gpt", "human", "gpt", "human"]
+    with pytest.raises(AppError, match=r"at most 4 pictures \(2 given before, 3 now\)"):
+        client.predict(card, message("What is their sum?", *DIGITS[:3]), None, "greedy", 1.0, 8, api_name="/chat")
+    client.predict(api_name="/clear")
+    shown, _ = client.predict(card, message("What does it show?", first), None, "greedy", 1.0, 32, api_name="/chat")
+    assert len(shown) == 3 and answer_is_right("shows", reply_text(shown[-1]), [a])  # a new conversation
+    assert asked[-1][0] == [{"from": "human", "value": "<image>\nWhat does it show?"}]
 
 
 def test_vlm_bad_requests_get_messages_and_the_server_stays_up(vlm: tuple[Any, Client], picture_card: Path,
@@ -113,10 +167,10 @@ def test_vlm_bad_requests_get_messages_and_the_server_stays_up(vlm: tuple[Any, C
         (lambda: caption(client, card, None), "no image given"),
         (lambda: client.predict(str(picture_card), api_name="/switch_card"), "does not fit the vlm demo: its generator makes image"),
         (lambda: caption(client, str(picture_card), handle_file(DIGITS[0])), "does not fit the vlm demo"),
-        (lambda: client.predict(card, "   ", [], handle_file(DIGITS[0]), "greedy", 1.0, 8, api_name="/ask"), "question: empty"),
+        (lambda: client.predict(card, message("   "), handle_file(DIGITS[0]), "greedy", 1.0, 8, api_name="/chat"), "message: empty"),
     ]
-    for request, message in cases:
-        with pytest.raises(AppError, match=message.replace("(", r"\(")):
+    for request, expected in cases:
+        with pytest.raises(AppError, match=expected.replace("(", r"\(")):
             request()
     assert named_digit(caption(client, card, handle_file(DIGITS[4]))) == label_of(DIGITS[4])
 
@@ -294,10 +348,38 @@ def test_browser_captions_an_uploaded_digit(browser: Any, vlm: tuple[Any, Client
     box = browser.find_element(By.CSS_SELECTOR, "#caption textarea")
     wait_for(browser, lambda d: box.get_attribute("value"))
     assert named_digit(box.get_attribute("value")) == 7
-    browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("Is it even?")
-    browser.find_element(By.ID, "ask-button").click()
+    browser.find_element(By.CSS_SELECTOR, "#message textarea").send_keys("Is it even?")
+    browser.find_element(By.CSS_SELECTOR, "#message [data-testid=submit-button]").click()
     wait_for(browser, lambda d: "odd" in d.find_element(By.ID, "chat").text, 60)
     screenshot_shows(browser, browser.find_element(By.ID, "caption"), tmp_path / "demo-vlm.png")
+
+
+def test_browser_chats_three_turns_about_two_pictures(browser: Any, vlm: tuple[Any, Client], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from mmadapt.data.conversations import answer_is_right
+
+    demo, _ = vlm
+    browser.get(demo.local_url)
+    box = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#message textarea"), 60)
+    first, second = (next(p for p in DIGITS if label_of(p) == d) for d in PAIR)
+    browser.find_element(By.CSS_SELECTOR, "#message input[type=file]").send_keys(f"{first}\n{second}")
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#message img")) == 2, 30)  # both attached
+
+    def replies() -> list[str]:
+        return [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]")]
+
+    a, b = PAIR
+    turns = [("What is their sum?", "sum", [a, b]), ("And what does the first one show?", "shows", [a]),
+             ("Is the second one even?", "even", [b])]
+    for number, (question, kind, labels) in enumerate(turns, 1):
+        box.send_keys(question)
+        box.send_keys(Keys.ENTER)
+        wait_for(browser, lambda d: len(replies()) == number and answer_is_right(kind, replies()[-1], labels), 90)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chat img")) == 2  # the two pictures, shown in the first turn
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user]") if e.text] == [q for q, _, _ in turns]
+    screenshot_shows(browser, browser.find_element(By.ID, "chat"), tmp_path / "demo-vlm-chat.png")
 
 
 def test_browser_trains_in_the_studio(browser: Any, studio: tuple[Any, Client], tmp_path: Path) -> None:
@@ -350,31 +432,34 @@ def test_vlm_refuses_long_text_and_wrong_types_with_a_message_and_one_log_line(
     caplog.set_level(logging.INFO, logger="mmadapt.serve.demo")
     capfd.readouterr()
 
-    def ask(question: Any, image: Any = seven, max_tokens: Any = 8, history: Any = None) -> Any:
-        return client.predict(card, question, history or [], image, "greedy", 1.0, max_tokens, api_name="/ask")
+    def ask(text: Any, image: Any = seven, max_tokens: Any = 8, box: Any = None) -> Any:
+        return client.predict(card, box if box is not None else {"text": text, "files": []}, image, "greedy", 1.0, max_tokens,
+                              api_name="/chat")
 
-    with pytest.raises(AppError, match=r"question: 100,000 characters; the limit is 500 \(--max-text-chars\)"):
+    with pytest.raises(AppError, match=r"message: 100,000 characters; the limit is 500 \(--max-text-chars\)"):
         ask(("Is it even? " * 8_334)[:100_000])  # the issue's 100,000 characters took the LM 14 s
     started = time.perf_counter()
     history, _ = ask("Is it even?")  # answered at once: the refusal held nothing
-    assert time.perf_counter() - started < 10 and "no" in history[1]["content"][0]["text"].lower()
+    assert time.perf_counter() - started < 10 and "no" in reply_text(history[-1]).lower()
     cases = [
-        (lambda: ask(5), "question: expected text, got int"),
-        (lambda: ask({"text": "Is it even?"}), "question: expected text, got dict"),
-        (lambda: ask(None), "question: expected text, got None"),
-        (lambda: ask("   "), "question: empty"),  # the handler's own refusal: one line too
+        (lambda: ask(5), "message: expected text, got int"),
+        (lambda: ask({"text": "Is it even?"}), "message: expected text, got dict"),
+        (lambda: ask(None), "message: expected text, got None"),
+        (lambda: ask("", box=5), r"message: expected \{'text': \.\.\., 'files': \[\.\.\.\]\}, got int"),
+        (lambda: ask("   "), "message: empty"),  # the handler's own refusal: one line too
         (lambda: ask("Is it even?", image="/no/such/digit.png"), r"image: expected an uploaded file \(gradio_client"),
+        (lambda: ask("", box={"text": "Is it even?", "files": ["/no/such/digit.png"]}), r"message: expected uploaded files"),
+        (lambda: ask("", box=message("What is their sum?", *DIGITS[:5])), "message: 5 files; a conversation holds at most 4"),
         (lambda: ask("Is it even?", max_tokens="lots"), "max new tokens: expected a number, got str"),
         (lambda: ask("Is it even?", max_tokens=10**9), "max new tokens: 1000000000 is not between 1 and 64"),
-        (lambda: ask("Is it even?", history=[{"role": "user", "content": "hi"}] * 41), "chat: 41 messages; the limit is 40"),
         (lambda: client.predict(card, seven, 3, 1.0, 8, api_name="/caption"), "decoding: expected one of greedy, sampled, got"),
     ]
-    for request, message in cases:
-        with pytest.raises(AppError, match=message):
+    for request, expected in cases:
+        with pytest.raises(AppError, match=expected):
             request()
     logged = refusals_logged(caplog)
     assert len(logged) == 1 + len(cases), logged  # exactly one line per refusal
-    assert "question: 100,000 characters" in logged[0]
+    assert "message: 100,000 characters" in logged[0]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err + caplog.text
 
@@ -405,7 +490,7 @@ def test_vlm_runs_one_model_call_at_a_time(vlm: tuple[Any, Client], monkeypatch:
     jobs = []
     for _ in range(3):
         jobs.append(captions.submit(card, image, "greedy", 1.0, 8, api_name="/caption"))
-        jobs.append(questions.submit(card, "Is it even?", [], image, "greedy", 1.0, 8, api_name="/ask"))
+        jobs.append(questions.submit(card, message("Is it even?"), image, "greedy", 1.0, 8, api_name="/chat"))
     for job in jobs:
         job.result(timeout=120)
     assert calls[0] == 6 and most[0] == 1, (calls, most)

@@ -55,6 +55,11 @@ class Generator(Node):
         return False
 
     # --- generation ---
+    def chats(self) -> bool:
+        """Whether generation continues a conversation (LLaVA-format turns, formatted by a chat template), so that a
+        demo keeps the history; else each prompt is asked on its own."""
+        return False
+
     def generate(self, prompts: list[str], **inputs: Any) -> list[Any]:
         """Outputs for prompts, conditioned on the bridges' outputs keyed by the generator's ports."""
         raise NotImplementedError

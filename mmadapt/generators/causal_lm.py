@@ -249,6 +249,16 @@ class CausalLM(Generator):
 
         return resolve_template(self.tokenizer, self.chat_template)
 
+    def chats(self) -> bool:
+        """A named template, or the tokenizer's own: the stage-1 digits-lm has none, so its cards answer each question alone."""
+        from mmadapt.generators.chat import resolve_template
+
+        try:
+            resolve_template(self.tokenizer, self.chat_template)
+        except MMAdaptError:
+            return False
+        return True
+
     def _marker_places(self, found: list[tuple[str, int]]) -> dict[str, list[int]]:
         places: dict[str, list[int]] = {}
         for text, at in found:
@@ -455,6 +465,7 @@ class CausalLM(Generator):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        streamer: Any = None,  # a transformers streamer (e.g. TextIteratorStreamer): new tokens as they are generated
     ) -> list[str]:
         """Left-pad [prefix][bos prompt] per sample, so no padding sits between prefix and prompt."""
         rows = []
@@ -475,6 +486,7 @@ class CausalLM(Generator):
             max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self._stop_ids() if any(not isinstance(p, str) for p in prompts) else self.eos_id,
+            streamer=streamer,
             **sampling,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(output, skip_special_tokens=True)]

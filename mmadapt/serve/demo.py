@@ -39,6 +39,7 @@ class Limits:
     max_personalize_images: int = 5  # the 3-5; more slows training without helping a few-shot subject
     max_text_chars: int = 500  # any typed text (question, prompt, word): a sentence; 100,000 characters took the LM 14 s
     max_chat_messages: int = 40  # the chat a question sends back; the page keeps no more, so only a hand-made request does
+    max_chat_pictures: int = 4  # pictures in one conversation: the mini chat card's template names up to four
 
 
 TRUST_CARD_CODE = {"allowed": False}  # `mmadapt demo --trust-card-code` sets it: cards may name code outside mmadapt
@@ -189,6 +190,15 @@ def check_request_value(block: Any, value: Any, limits: Limits) -> None:
         files = value if isinstance(value, list) and getattr(block, "file_count", "single") != "single" else [value]
         if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
             raise DataError(f"{field}: expected an uploaded file (gradio_client: handle_file(path)), got {kind_of(value)}")
+    elif isinstance(block, gr.MultimodalTextbox):
+        if not isinstance(value, dict) or not isinstance(value.get("files", []), list):
+            raise DataError(f"{field}: expected {{'text': ..., 'files': [...]}}, got {kind_of(value)}")
+        check_text(value.get("text", ""), limits, field)
+        files = value.get("files") or []
+        if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
+            raise DataError(f"{field}: expected uploaded files (gradio_client: handle_file(path)), got {kind_of(files)}")
+        if len(files) > limits.max_chat_pictures:
+            raise DataError(f"{field}: {len(files)} files; a conversation holds at most {limits.max_chat_pictures} pictures")
     elif isinstance(block, gr.Chatbot) and value is not None:
         if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
             raise DataError(f"{field}: expected a list of messages, got {kind_of(value)}")
