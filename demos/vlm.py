@@ -244,7 +244,7 @@ def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = No
                 caption_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column():
                 caption_box = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
-                chat = gr.Chatbot(label="Chat", elem_id="chat", height=360)
+                chat = gr.Chatbot(label="Chat", elem_id="chat", height=560)
                 message = gr.MultimodalTextbox(label="Message", elem_id="message", file_types=["image"], file_count="multiple",
                                                placeholder="Attach pictures, then ask: What is their sum?", submit_btn="Ask")
                 clear_button = gr.Button("Clear the chat", elem_id="clear-button", size="sm")

@@ -205,6 +205,8 @@ def test_the_same_arguments_draw_the_same_samples(digits: dict[str, DigitsConver
     ("shows", [1], ["a picture of a one", "It shows 1."], ["the first one is a four"]),
     ("even", [7], ["seven is odd, so no", "No.", "It is odd."], ["seven is odd, so yes", "yes", "it is even"]),
     ("even", [4], ["four is even, so yes", "Yes, it is."], ["no", "four is odd"]),
+    ("even", [5], ["five is odd, so no", "the second one is odd, so no"], ["seven is odd, so no"]),  # the verdict, of another digit
+    ("plus_one", [5], ["five plus one is six", "6"], ["seven plus one is six", "the first one plus one is six, so five"]),
     ("plus_one", [7], ["seven plus one is eight", "8", "The first one plus one is eight."], ["seven plus one is nine", "seven"]),
     ("plus_one", [9], ["nine plus one is ten", "10"], ["nine plus one is eleven"]),
     ("larger", [3, 7], ["three is smaller than seven, so the second", "The second one.", "the second is larger"],

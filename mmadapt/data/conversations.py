@@ -251,18 +251,21 @@ def answer_is_right(kind: str, answer: str, labels: list[int]) -> bool:
     """Whether a generated answer to a turn of `kind` is right, read loosely from its first sentence. `labels` are the
     digits the turn asks about (a sample's turn_labels[i]; one digit for shows/even/plus_one, the pair for larger/sum).
 
-    shows: it names that digit (word or numeral) and no other. even: its last yes/no (else even/odd) is right.
-    plus_one, sum: the last number it names (word or numeral) is right. larger: its last first/second/equal is right.
+    shows: it names that digit (word or numeral) and no other. even: its last yes/no (else even/odd) is right, and a digit
+    it names first is that digit. plus_one: the last number it names is right, and a digit named before "plus" is that
+    digit. sum: the last number it names is right. larger: its last first/second/equal is right, else "A is (not)
+    bigger than B" names both digits in picture order and the right relation.
     """
     words = _words(answer)
     if kind == "shows":
         return set(n for n in _numbers(words) if n < 10) == {labels[0]}
-    if kind == "even":
-        verdict = _last_of(words, {"yes": "yes", "no": "no"}) or _last_of(words, {"even": "yes", "odd": "no"})
-        return verdict == ("yes" if labels[0] % 2 == 0 else "no")
     numbers = _numbers(words)
-    if kind == "plus_one":
-        return bool(numbers) and numbers[-1] == labels[0] + 1
+    if kind == "even":  # and a digit it names first is the one asked about ("seven is odd, so no" of a five is wrong)
+        verdict = _last_of(words, {"yes": "yes", "no": "no"}) or _last_of(words, {"even": "yes", "odd": "no"})
+        return verdict == ("yes" if labels[0] % 2 == 0 else "no") and numbers[:1] in ([], [labels[0]])
+    if kind == "plus_one":  # and the digit before "plus", if it names one, is the one asked about
+        before = _numbers(words[: words.index("plus")]) if "plus" in words else []
+        return bool(numbers) and numbers[-1] == labels[0] + 1 and before[-1:] in ([], [labels[0]])
     if kind == "sum":
         return bool(numbers) and numbers[-1] == labels[0] + labels[1]
     if kind == "larger":
