@@ -74,6 +74,12 @@ def place_finding(value: Any, field: str, kind: str = "any") -> Finding | None:
     return Finding(field, f"{shown(value)} is not on this machine (nor its folder {path.parent}); make or fetch it before training")
 
 
+def file_and_root_findings(params: dict[str, Any], root: str) -> list[Finding]:
+    """A dataset's `path` is a file and its `root` (where the rows' relative paths start) a folder, where given."""
+    found = [place_finding(params.get("path"), "path", "file"), place_finding(params.get(root), root, "folder")]
+    return [f for f in found if f]
+
+
 def looks_local(value: str) -> bool:
     """Whether a checkpoint/tokenizer string names a local path rather than a hub id."""
     if value.startswith(LOCAL_PREFIXES) or value.count("/") > 1 or Path(value).exists():

@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar
 from torch.utils.data import Dataset
 
 from mmadapt.core.params import OneOf
-from mmadapt.core.semantics import Finding, place_finding
+from mmadapt.core.semantics import Finding, file_and_root_findings
 from mmadapt.errors import DataError, MMAdaptError
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ class ImageCaptionDataset(Dataset):
     @classmethod
     def param_problems(cls, params: dict[str, Any]) -> list[Finding]:
         """The file and its root folder exist; relative paths start at the current folder, as the dataset opens them."""
-        root = f"{cls.field}_root"  # image_root, audio_root
-        found = [place_finding(params.get("path"), "path", "file"), place_finding(params.get(root), root, "folder")]
-        return [f for f in found if f]
+        return file_and_root_findings(params, f"{cls.field}_root")  # image_root, audio_root
 
     def __init__(
         self,

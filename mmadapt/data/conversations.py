@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from torch.utils.data import Dataset
 
 from mmadapt.core.params import PositiveInt
-from mmadapt.core.semantics import Finding, place_finding
+from mmadapt.core.semantics import Finding, file_and_root_findings
 from mmadapt.data.captions import CAPTION_FIELDS
 from mmadapt.data.digits import NUMBER_WORDS, REASONED, WORDS, Split, caption_for, digit_image, load_digits_arrays, split_indices
 from mmadapt.data.modalities import content_key
@@ -43,8 +43,7 @@ class Conversations(Dataset):
     @classmethod
     def param_problems(cls, params: dict[str, Any]) -> list[Finding]:
         """The file and the image folder exist; relative paths start at the current folder, as the dataset opens them."""
-        found = [place_finding(params.get("path"), "path", "file"), place_finding(params.get("image_root"), "image_root", "folder")]
-        return [f for f in found if f]
+        return file_and_root_findings(params, "image_root")
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from mmadapt.data.captions import CAPTION_FIELDS, Template, format_sample
 from mmadapt.data.digits import Split, Style, caption_for, checked_spelled_text, load_digits_arrays, spell, split_indices
 from mmadapt.errors import DataError
 from mmadapt.core.params import PositiveInt
-from mmadapt.core.semantics import Finding, place_finding
+from mmadapt.core.semantics import Finding, file_and_root_findings
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files
@@ -254,8 +254,7 @@ class PointCaptionDataset(Dataset):
     @classmethod
     def param_problems(cls, params: dict[str, Any]) -> list[Finding]:
         """The file and its root folder exist; relative paths start at the current folder, as the dataset opens them."""
-        found = [place_finding(params.get("path"), "path", "file"), place_finding(params.get("points_root"), "points_root", "folder")]
-        return [f for f in found if f]
+        return file_and_root_findings(params, "points_root")
 
     def __init__(
         self,
