@@ -10,7 +10,8 @@ import torch
 
 from mmadapt.core.model import AssembledModel
 from mmadapt.core.registry import DATA_TYPES, UnknownType, resolve, sub_sections
-from mmadapt.data.collate import batch_to_device, build_dataset, collator_for
+from mmadapt.data.collate import build_dataset
+from mmadapt.serve.inference import generate_after
 
 EVAL_COUNT = 300  # test conversations asked by default (each has 2-3 turns)
 # Turns are generated up to 32 new tokens: an answer in words outside digits-lm's vocabulary is spelled in pieces and
@@ -61,13 +62,10 @@ def evaluate_chat(model: AssembledModel, section: dict[str, Any], split: str = "
     for index in range(len(dataset)):
         sample = dataset[index]
         asked += [(query, sample, turn) for query, turn in turn_queries(sample, len(asked))]
-    collate = collator_for(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)
-    device = next(model.parameters()).device
     answers: list[str] = []
     for offset in range(0, len(asked), batch_size):
         queries = [q for q, _, _ in asked[offset: offset + batch_size]]
-        batch = batch_to_device(collate(queries), device)
-        answers += model.generate(batch, [q["conversations"] for q in queries], max_new_tokens=max_new_tokens)
+        answers += generate_after(model, queries, [q["conversations"] for q in queries], max_new_tokens=max_new_tokens)
     hits: dict[str, list[bool]] = {}
     examples = []
     for (query, sample, turn), answer in zip(asked, answers):

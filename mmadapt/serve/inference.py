@@ -49,7 +49,13 @@ def encoder_fields(model: AssembledModel) -> set[str]:
 
 
 def generate_for_samples(model: AssembledModel, samples: list[dict[str, Any]], prompt: str, **settings: Any) -> list[str]:
-    """Generate after each sample's encoded inputs, with the same (already formatted) prompt for all.
+    """Generate after each sample's encoded inputs, with the same (already formatted) prompt for all."""
+    return generate_after(model, [dict(s, prompt=prompt, target="") for s in samples], [prompt] * len(samples), **settings)
+
+
+def generate_after(model: AssembledModel, samples: list[dict[str, Any]], prompts: list[str] | list[list[dict[str, str]]],
+                   **settings: Any) -> list[str]:
+    """Generate after each sample's encoded inputs, continuing its prompt (a text, or a conversation).
 
     In a graph with several encoders a sample may carry only some modalities; the others are skipped for it. A sample
     that carries none of them is an error, not an answer from the prompt alone.
@@ -58,11 +64,11 @@ def generate_for_samples(model: AssembledModel, samples: list[dict[str, Any]], p
     for sample in samples:
         if wanted and not wanted & set(sample):
             raise MMAdaptError(f"sample {sample.get('id', '?')} carries none of the fields the card's encoders read ({', '.join(sorted(wanted))})")
-    samples = [dict(s, prompt=prompt, target="", fields_absent=sorted(wanted - set(s))) for s in samples]
+    samples = [dict(s, fields_absent=sorted(wanted - set(s))) for s in samples]
     batch = collator_for(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)(samples)
     batch = batch_to_device(batch, next(model.parameters()).device)
     with torch.no_grad():
-        return model.generate(batch, [prompt] * len(samples), **settings)
+        return model.generate(batch, prompts, **settings)
 
 
 def section_for(model: AssembledModel, fields: set[str]) -> dict[str, Any]:
@@ -110,18 +116,9 @@ def generate_reply(model: AssembledModel, conversation: list[dict[str, str]], in
         raise MMAdaptError("this card's language model has no chat template: ask each question on its own")
     if not conversation or conversation[-1].get("from") != "human":
         raise MMAdaptError("a conversation to answer ends with the user's turn")
-    wanted = encoder_fields(model)
     sample: dict[str, Any] = {"conversations": conversation, "prompt": "", "target": "", "text": "", "key": "chat", "id": 0}
-    for field, items in inputs.items():
-        if items:
-            sample[field] = items if len(items) > 1 else items[0]
-    sample["fields_absent"] = sorted(wanted - set(sample))
-    if wanted and not wanted & set(sample):
-        raise MMAdaptError(f"the conversation carries none of the inputs the card's encoders read ({', '.join(sorted(wanted))})")
-    batch = collator_for(model, max_tokens=model.recipe.train.max_text_tokens, skip_bad_samples=False)([sample])
-    batch = batch_to_device(batch, next(model.parameters()).device)
-    with torch.no_grad():
-        return model.generate(batch, [conversation], **settings)[0]
+    sample.update({field: items if len(items) > 1 else items[0] for field, items in inputs.items() if items})
+    return generate_after(model, [sample], [conversation], **settings)[0]
 
 
 def stream_reply(model: AssembledModel, conversation: list[dict[str, str]], inputs: dict[str, list[Any]],
