@@ -255,13 +255,16 @@ def test_chat_evaluation_scores_each_turn_and_group_from_the_answers_given(word_
     raw["data"] = section
     model = build(raw)
     data = DigitsConversations(split="test", count=40)
-    gold, pairs, both = [], set(), set()  # by the query's id: evaluate_chat numbers the turns in order
+    gold, pairs, both, second = [], set(), set(), set()  # by the query's id: evaluate_chat numbers the turns in order
     for sample in data.samples:
         for i, kind in enumerate(sample["turn_kinds"]):
             if len(sample["labels"]) == 2:
                 pairs.add(len(gold))
                 if kind in PAIR_KINDS:
                     both.add(len(gold))
+                elif sample["turn_pictures"][i] == [1]:
+                    second.add(len(gold))
+                    assert "the second one" in sample["conversations"][2 * i]["value"]
             gold.append(sample["conversations"][2 * i + 1]["value"])
 
     def answering(right: set[int]) -> Any:
@@ -274,7 +277,8 @@ def test_chat_evaluation_scores_each_turn_and_group_from_the_answers_given(word_
     assert figures["conversations"] == 40 and figures["turns"] == len(gold)
     assert figures["turn_accuracy"] == figures["held_out_accuracy"] == figures["two_image_accuracy"] == 1.0
     assert set(figures["per_kind"]) == set(KINDS) and set(figures["per_kind"].values()) == {1.0}
-    assert set(figures["breakdown"]) == {"round 1", "round 2", "round 3", "one of two pictures"}
+    assert set(figures["breakdown"]) == {"round 1", "round 2", "round 3", "one of two pictures", "the first of two pictures",
+                                         "the second of two pictures"}
     monkeypatch.setattr(model, "generate", answering(set(range(len(gold))) - pairs))  # nothing right about a pair
     figures = evaluate_chat(model, section, count=40, batch_size=16)
     assert figures["two_image_accuracy"] == figures["breakdown"]["one of two pictures"] == 0.0
@@ -284,3 +288,7 @@ def test_chat_evaluation_scores_each_turn_and_group_from_the_answers_given(word_
     figures = evaluate_chat(model, section, count=40, batch_size=16)
     assert figures["two_image_accuracy"] == 1.0 and figures["breakdown"]["one of two pictures"] == 0.0
     assert figures["per_kind"]["shows"] == figures["per_kind"]["even"] == figures["per_kind"]["plus_one"] == 0.0
+    monkeypatch.setattr(model, "generate", answering(set(range(len(gold))) - second))  # all but the second picture's
+    figures = evaluate_chat(model, section, count=40, batch_size=16)
+    assert figures["breakdown"]["the first of two pictures"] == 1.0 and figures["breakdown"]["the second of two pictures"] == 0.0
+    assert 0 < figures["breakdown"]["one of two pictures"] < 1

@@ -287,7 +287,7 @@ class DigitsConversations(Dataset):
     """Multi-turn (2-3 rounds) LLaVA-format conversations about one or two scikit-learn digits of one stored split.
 
     The first human turn holds one <image> per image; later turns refer back ("And is it even?"). Per gpt turn a sample
-    says its kind (turn_kinds), the digits it asks about (turn_labels), whether its phrasing is one train never sees
+    says its kind (turn_kinds), the digits it asks about (turn_labels) and which pictures they are (turn_pictures), whether its phrasing is one train never sees
     (held_out), and whether it asks about both digits of a pair train never shows together (held_pair); both are test
     only, val asks as train does. The samples are drawn once, at construction, from (split, seed): the same arguments
     give the same list.
@@ -297,7 +297,7 @@ class DigitsConversations(Dataset):
     pair_kinds = PAIR_KINDS  # the questions about two images
 
     fields: ClassVar[frozenset[str]] = CAPTION_FIELDS | {"image", "conversations", "turn_kinds", "turn_labels", "held_out",
-                                                         "held_pair", "labels"}
+                                                         "held_pair", "turn_pictures", "labels"}
 
     def __init__(
         self,
@@ -341,7 +341,7 @@ class DigitsConversations(Dataset):
             asked = [first] + rng.sample([o for o in options if o != first], rounds - 1)
         else:
             asked = [(k, "it") for k in rng.sample(SINGLE_KINDS, rounds)]
-        turns, kinds, held_out, held_pairs, turn_labels = [], [], [], [], []
+        turns, kinds, held_out, held_pairs, turn_labels, turn_pictures = [], [], [], [], [], []
         for number, (kind, ref) in enumerate(asked):
             phrasing, held = self._phrasing(kind, rng)
             question = phrasing.format(ref=ref)
@@ -358,8 +358,9 @@ class DigitsConversations(Dataset):
             held_out.append(held)
             held_pairs.append(kind in PAIR_KINDS and frozenset(digits) in HELD_OUT_PAIRS)
             turn_labels.append(asks)
+            turn_pictures.append([0, 1] if kind in PAIR_KINDS else [REFS.index(ref)] if pair else [0])
         return {"indices": indices, "labels": digits, "conversations": turns, "turn_kinds": kinds, "held_out": held_out,
-                "held_pair": held_pairs, "turn_labels": turn_labels}
+                "held_pair": held_pairs, "turn_labels": turn_labels, "turn_pictures": turn_pictures}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -376,4 +377,4 @@ class DigitsConversations(Dataset):
                 "key": keys[0] if len(keys) == 1 else hashlib.sha1(" ".join(keys).encode()).hexdigest(), "id": position,
                 "labels": list(drawn["labels"]), "turn_kinds": list(drawn["turn_kinds"]),
                 "turn_labels": [list(t) for t in drawn["turn_labels"]], "held_out": list(drawn["held_out"]),
-                "held_pair": list(drawn["held_pair"])}
+                "held_pair": list(drawn["held_pair"]), "turn_pictures": [list(t) for t in drawn["turn_pictures"]]}

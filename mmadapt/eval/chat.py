@@ -16,6 +16,7 @@ from mmadapt.serve.inference import generate_after
 EVAL_COUNT = 300  # test conversations asked by default (each has 2-3 turns)
 # Turns are generated up to 32 new tokens: an answer in words outside digits-lm's vocabulary is spelled in pieces and
 # runs to ~30 ("the number six, written by hand" is 11).
+PICTURE_GROUPS = ("the first of two pictures", "the second of two pictures")  # a single-picture question about a pair, by picture
 CAPTIONS = {"type": "digits_captions", "template": "instruction", "prompt": "What does it show?"}  # stage 1's data
 
 
@@ -74,7 +75,8 @@ def evaluate_chat(model: AssembledModel, section: dict[str, Any], split: str = "
         groups = [kind, "all", f"round {turn + 1}"] + (["held_out"] if sample["held_out"][turn] else []) + \
             (["held_pair"] if sample.get("held_pair", [False] * (turn + 1))[turn] else []) + \
             (["two_image"] if kind in dataset.pair_kinds else []) + \
-            (["one of two pictures"] if kind not in dataset.pair_kinds and isinstance(sample.get("image"), list) else [])
+            (["one of two pictures", PICTURE_GROUPS[sample["turn_pictures"][turn][0]]]
+             if kind not in dataset.pair_kinds and isinstance(sample.get("image"), list) else [])
         for group in groups:
             hits.setdefault(group, []).append(right)
         if len(examples) < 6:
@@ -82,7 +84,7 @@ def evaluate_chat(model: AssembledModel, section: dict[str, Any], split: str = "
                              "expected": sample["conversations"][2 * turn + 1]["value"] if len(sample["conversations"]) > 2 * turn + 1 else "",
                              "right": right})
     rate = {group: sum(v) / len(v) for group, v in hits.items()}
-    breakdown = {g: rate.pop(g) for g in sorted(rate) if g.startswith("round ") or g == "one of two pictures"}
+    breakdown = {g: rate.pop(g) for g in sorted(rate) if g.startswith("round ") or g == "one of two pictures" or g in PICTURE_GROUPS}
     return {"conversations": len(dataset), "turns": len(asked), "turn_accuracy": rate.pop("all"),
             "held_out_accuracy": rate.pop("held_out", float("nan")), "two_image_accuracy": rate.pop("two_image", float("nan")),
             "held_out_pairs_accuracy": rate.pop("held_pair", float("nan")),
@@ -100,7 +102,7 @@ def report_chat(model: AssembledModel, card: Path, limit: int | None, captions: 
     print(f"turn accuracy: {figures['turn_accuracy']:.3f}")
     for kind, value in sorted(figures["per_kind"].items()):
         print(f"turn accuracy, {kind}: {value:.3f}")
-    for group, value in figures["breakdown"].items():  # by the turn's round, and single-picture questions about a pair
+    for group, value in figures["breakdown"].items():  # by the turn's round, and single-picture questions about a pair (and which)
         print(f"turn accuracy, {group}: {value:.3f}")
     print(f"held-out phrasings accuracy: {figures['held_out_accuracy']:.3f}")
     print(f"two-image accuracy: {figures['two_image_accuracy']:.3f}")
