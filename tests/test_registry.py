@@ -15,7 +15,7 @@ from mmadapt.core.registry import (ADAPTER_TYPES, DATA_TYPES, NODE_TYPES, Unknow
 
 ENCODERS = {"open_clip_vision", "hf_vision", "blip2_vision", "point_bert", "audiomae", "hf_audio"}
 GENERATORS = {"causal_lm", "diffusion"}
-BRIDGES = {"token", "linear_projector", "mlp_projector", "qformer", "prefix", "soft_prompt"}
+BRIDGES = {"token", "linear_projector", "mlp_projector", "qformer", "prefix", "soft_prompt", "ip_adapter"}
 TABLES = {"node": NODE_TYPES, "adapter": ADAPTER_TYPES, "data": DATA_TYPES}
 
 

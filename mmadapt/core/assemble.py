@@ -44,6 +44,8 @@ def assemble(recipe: Recipe, plan: Plan) -> AssembledModel:
         spec = recipe.nodes[name]
         trainable = spec.trainable if spec.trainable is not None else isinstance(node, Bridge)
         node.requires_grad_(trainable)
+        for part in node.trained_parts():
+            part.requires_grad_(True)
         for index, adapter_raw in enumerate(spec.adapters):
             adapter_cls = resolve(str(adapter_raw["type"]), ADAPTER_TYPES)
             adapter = adapter_cls(**{k: v for k, v in adapter_raw.items() if k != "type"})

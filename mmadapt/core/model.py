@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -169,4 +170,15 @@ class AssembledModel(nn.Module):
         rows = self.node_rows(batch)
         bridged = {port: self.port_value(name, port, refs, batch, outputs, rows)
                    for port, refs in self.plan.inputs[name].items() if not any(r.is_data for r in refs)}
-        return self.generator.generate(prompts, **bridged, **settings)
+        return self.generator.generate(prompts, **bridged, **self.unconditional(bridged), **settings)
+
+    def unconditional(self, bridged: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """`negative_<port>`: what a bridge gives for no input (its `unconditional`, e.g. IP-Adapter's projection of a zero
+        embedding), for a generator whose guidance takes it; ports whose bridge has none are left out."""
+        takes = inspect.signature(self.generator.generate).parameters
+        found = {}
+        for port, refs in self.plan.inputs[self.generator_name].items():
+            nodes = [self.nodes[r.source] for r in refs if not r.is_data]
+            if len(nodes) == 1 == len(refs) and hasattr(nodes[0], "unconditional") and f"negative_{port}" in takes:
+                found[f"negative_{port}"] = nodes[0].unconditional(bridged[port])
+        return found

@@ -116,6 +116,12 @@ class Node(nn.Module):
         """Widths of the built node, in the same keys as `config_widths`."""
         return {}
 
+    def trained_parts(self) -> list[nn.Module]:
+        """Modules of a frozen node that train with the bridges because they sit in the base's own layout, where its
+        stock library loads them (IP-Adapter's key/value projections in a U-Net's cross-attention); keyed in the card
+        by their place in the node, as every trainable tensor is."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Identity of the node's base model for card metadata (id or path, config hash)."""
         return {}

@@ -22,6 +22,7 @@ NODE_TYPES: dict[str, str] = {
     "qformer": "bridges.qformer.QFormer",
     "prefix": "bridges.prefix.PrefixMapper",
     "soft_prompt": "bridges.soft_prompt.SoftPrompt",
+    "ip_adapter": "bridges.ip_adapter.IPAdapter",
 }
 
 ADAPTER_TYPES: dict[str, str] = {

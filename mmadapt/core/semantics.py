@@ -37,6 +37,7 @@ class NodeContext:
     name: str
     nodes: tuple[str, ...]  # every node of the graph
     feeders: tuple[str, ...]  # the nodes wired straight into this one
+    fed_ports: tuple[str, ...] = ()  # this node's inputs that another node (not the data) feeds
 
 
 def argument(cls: type, params: dict[str, Any], name: str) -> Any:

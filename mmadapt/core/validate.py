@@ -133,7 +133,8 @@ def node_problems(name: str, recipe: Recipe, plan: Plan, unread: set[str], faile
     feeders = tuple(dict.fromkeys(r.source for refs in plan.inputs[name].values() for r in refs if not r.is_data))
     findings = [source_finding(spec.params.get(param), param, hub_file) for param, hub_file in cls.source_params.items()]
     findings = [f for f in findings if f is not None and name not in failed and not (f.note and name in unread)]
-    findings += cls.param_problems(spec.params, NodeContext(name, tuple(recipe.nodes), feeders))
+    fed = tuple(port for port, refs in plan.inputs[name].items() if any(not r.is_data for r in refs))
+    findings += cls.param_problems(spec.params, NodeContext(name, tuple(recipe.nodes), feeders, fed))
     problems = settle(where, findings, plan)
     if spec.from_card is not None:
         problems += card_problems(where, spec.from_card, plan)

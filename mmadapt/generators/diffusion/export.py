@@ -1,4 +1,5 @@
-"""Card exports that stock diffusers pipelines load: LoRA, LoKr, and textual-inversion embeddings; and the reverse import."""
+"""Card exports that stock diffusers pipelines load: LoRA, LoKr, textual-inversion embeddings and IP-Adapter; and the
+reverse import."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from mmadapt.core.model import AssembledModel
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for first
 TEXTUAL_INVERSION = "learned_embeds.safetensors"  # the file name load_textual_inversion looks for first
+IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"  # pipe.load_ip_adapter(folder, subfolder="", weight_name=this)
 
 
 def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
@@ -49,6 +51,10 @@ def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
     if token is not None:
         save_file({generator.placeholder: token}, str(folder / TEXTUAL_INVERSION))
         written.append(TEXTUAL_INVERSION)
+    ip_adapter = ip_adapter_tensors(model)
+    if ip_adapter is not None:
+        save_file(ip_adapter, str(folder / IP_ADAPTER_WEIGHTS))
+        written.append(IP_ADAPTER_WEIGHTS)
     if not written:  # e.g. an AudioToken card: a per-sample token has nothing stock diffusers could load
         folder.rmdir()
     return written
@@ -69,6 +75,22 @@ def static_token(model: AssembledModel) -> torch.Tensor | None:
         return None  # a per-sample token (AudioToken) has no single embedding to export
     with torch.no_grad():
         return model.nodes[sources[0]](batch_size=1)[0].detach().float().cpu().contiguous()
+
+
+def ip_adapter_tensors(model: AssembledModel) -> dict[str, torch.Tensor] | None:
+    """IP-Adapter's file layout, as `load_ip_adapter` reads it: `image_proj.{proj,norm}.*` from the bridge's projection,
+    and `ip_adapter.{n}.to_{k,v}_ip.weight` from the U-Net's processors, n = 1, 3, 5, ... in `attn_processors` order (the
+    loader counts every cross-attention by two). None when no IP-Adapter bridge feeds the generator."""
+    refs = model.plan.inputs[model.generator_name].get("ip_tokens", [])
+    if not refs:
+        return None
+    projection = model.nodes[refs[0].source].projection  # diffusers' ImageProjection: image_embeds (Linear), norm
+    tensors = {f"image_proj.{'proj' if k.startswith('image_embeds.') else 'norm'}.{k.rsplit('.', 1)[1]}": v
+               for k, v in projection.state_dict().items()}
+    for index, processor in enumerate(model.generator.ip_processors()):
+        tensors[f"ip_adapter.{1 + 2 * index}.to_k_ip.weight"] = processor.to_k_ip[0].weight
+        tensors[f"ip_adapter.{1 + 2 * index}.to_v_ip.weight"] = processor.to_v_ip[0].weight
+    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
 
 def load_diffusers_lora(model: AssembledModel, path: str | Path) -> None:

@@ -15,7 +15,7 @@ from mmadapt.core.identity import config_hash
 from mmadapt.core.generator import Generator
 from mmadapt.core.nodes import RowTokens, adapters_off
 from mmadapt.core.params import Dtype, NonNegativeFloat, PositiveFloat, PositiveInt
-from mmadapt.core.semantics import meta_built
+from mmadapt.core.semantics import Finding, NodeContext, meta_built
 from mmadapt.zoo import resolve_checkpoint
 
 DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}
@@ -55,7 +55,8 @@ class DiffusionGenerator(Generator):
 
     Bridge inputs: `token_embeds` (B, K, D) replace the K placeholder tokens of the prompt in the text encoder's
     input (AudioToken, textual inversion); `context` (B, M, D) is appended to the text encoder's output that the
-    U-Net cross-attends to. LoRA/LoKr adapters target `unet` (the default) or `text_encoder`.
+    U-Net cross-attends to; `ip_tokens` (B, 4, D) are an IP-Adapter's image prompt, read by diffusers' decoupled
+    cross-attention (`ip_adapter_scale`). LoRA/LoKr adapters target `unet` (the default) or `text_encoder`.
     """
 
     default_inputs = {"input_ids": "data.input_ids", "pixel_values": "data.pixel_values", "loss_weight": "data.loss_weight",
@@ -78,6 +79,10 @@ class DiffusionGenerator(Generator):
         # its states for the sample's `spelled_text` (the same prompt with words where the placeholder is). The diffusion
         # loss reaches a token bridge only through a noisy U-Net residual; this is a direct signal. 0: diffusion loss alone.
         text_alignment: NonNegativeFloat = 0.0,
+        # Set to take an IP-Adapter bridge's tokens (ip_tokens): diffusers' IPAdapterAttnProcessor2_0 goes into every
+        # cross-attention, its to_k_ip/to_v_ip (started from to_k/to_v, as IP-Adapter's training does) train with the
+        # bridge; the value weighs the image prompt against the text there (IP-Adapter's 1.0). None: no image prompt.
+        ip_adapter_scale: NonNegativeFloat | None = None,
     ) -> None:
         super().__init__()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -107,6 +112,53 @@ class DiffusionGenerator(Generator):
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = resolution or self.unet.config.sample_size * self.vae_scale
         self.pad_id = self.tokenizer.pad_token_id
+        self.ip_adapter_scale = ip_adapter_scale
+        if ip_adapter_scale is not None:
+            self._install_ip_adapter(ip_adapter_scale)
+
+    # --- IP-Adapter: diffusers' own decoupled cross-attention processors, in the U-Net's own layout ---
+    def _install_ip_adapter(self, scale: float) -> None:
+        """Every cross-attention (attn2) gets diffusers' IP-Adapter processor; self-attention keeps its own. The new
+        key/value projections copy the text ones (IP-Adapter's tutorial_train.py), so training starts from a prompt's
+        own reading of its tokens."""
+        from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+        processors = {}
+        for name, processor in self.unet.attn_processors.items():
+            attention = self.unet.get_submodule(name.rsplit(".", 1)[0])
+            if name.endswith("attn1.processor"):
+                processors[name] = processor
+                continue
+            ip = IPAdapterAttnProcessor2_0(hidden_size=attention.to_k.out_features, cross_attention_dim=attention.to_k.in_features,
+                                           num_tokens=(4,), scale=scale)
+            with torch.no_grad():
+                ip.to_k_ip[0].weight.copy_(attention.to_k.weight)
+                ip.to_v_ip[0].weight.copy_(attention.to_v.weight)
+            processors[name] = ip.to(attention.to_k.weight.device, attention.to_k.weight.dtype)
+        self.unet.set_attn_processor(processors)
+
+    def ip_processors(self) -> list[torch.nn.Module]:
+        """The U-Net's IP-Adapter processors, in `attn_processors` order (the order diffusers numbers them in a file)."""
+        from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+        return [p for p in self.unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+
+    def trained_parts(self) -> list[torch.nn.Module]:
+        return self.ip_processors()
+
+    def _conditioning(self, states: torch.Tensor, ip_tokens: torch.Tensor | None) -> Any:
+        """What the U-Net cross-attends to: the text states, with the image prompt beside them as diffusers' processors
+        take it, (states, [tokens]). Image tokens with no processors, or processors with no tokens, would be dropped or
+        misread (the processors cut a plain tensor's last 4 tokens off as the image), so both are refused."""
+        if ip_tokens is None and self.ip_adapter_scale is None:
+            return states
+        if ip_tokens is None:
+            raise MMAdaptError("the diffusion generator has ip_adapter_scale set, but no ip_tokens reached it: wire an "
+                               "ip_adapter bridge to inputs.ip_tokens, or unset ip_adapter_scale")
+        if self.ip_adapter_scale is None:
+            raise MMAdaptError("ip_tokens reach the diffusion generator, but its U-Net has no IP-Adapter attention: set "
+                               "ip_adapter_scale (1.0 is IP-Adapter's) on the generator")
+        return (states, [ip_tokens.to(states.dtype)])
 
     # --- the placeholder: one new row per vector, or an existing word when the tokenizer already has it ---
     def _add_placeholder(self, placeholder: str, count: int, init_word: str | None) -> list[int]:
@@ -144,9 +196,22 @@ class DiffusionGenerator(Generator):
         unet = read_pipeline_config(str(params.get("checkpoint", "")), "unet")
         if text is None or unet is None:
             raise WidthUnknown(f"{params.get('checkpoint')} is not a local pipeline folder")
-        return {"token_embeds": int(text["hidden_size"]), "context": int(unet["cross_attention_dim"])}
+        return {"token_embeds": int(text["hidden_size"]), "context": int(unet["cross_attention_dim"]),
+                "ip_tokens": int(unet["cross_attention_dim"])}
 
     source_params = {"checkpoint": "model_index.json"}
+
+    @classmethod
+    def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
+        """An IP-Adapter needs both halves: its bridge's tokens (inputs.ip_tokens) and the U-Net's attention for them."""
+        scale, wired = params.get("ip_adapter_scale"), "ip_tokens" in context.fed_ports
+        if scale is not None and not wired:
+            return [Finding("ip_adapter_scale", "is set, but no node feeds inputs.ip_tokens: wire an ip_adapter bridge there, "
+                                                "or leave ip_adapter_scale out")]
+        if scale is None and wired:
+            return [Finding("ip_adapter_scale", "inputs.ip_tokens is wired, but the U-Net has no IP-Adapter attention to read "
+                                                "them: set ip_adapter_scale (1.0 is IP-Adapter's)")]
+        return []
 
     @classmethod
     def adapter_bases(cls, params: dict[str, Any]) -> dict[str, torch.nn.Module] | None:
@@ -170,7 +235,8 @@ class DiffusionGenerator(Generator):
         return None
 
     def widths(self) -> dict[str, int]:
-        return {"token_embeds": self.text_encoder.config.hidden_size, "context": self.unet.config.cross_attention_dim}
+        cross = self.unet.config.cross_attention_dim
+        return {"token_embeds": self.text_encoder.config.hidden_size, "context": cross, "ip_tokens": cross}
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "config_hash": config_hash({"unet": dict(self.unet.config), "vae": dict(self.vae.config),
@@ -272,6 +338,7 @@ class DiffusionGenerator(Generator):
         token_embeds: torch.Tensor | None = None,  # (B, K, D_text) from a token bridge
         context: torch.Tensor | None = None,  # (B, M, D_cross) from a context bridge
         spelled_ids: torch.Tensor | None = None,  # (B, L) the prompts with words in place of the placeholder
+        ip_tokens: torch.Tensor | None = None,  # (B, 4, D_cross) from an IP-Adapter bridge
     ) -> dict[str, torch.Tensor]:
         if latents is None:
             if pixel_values is None:
@@ -283,7 +350,7 @@ class DiffusionGenerator(Generator):
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         states = self.encode_text(input_ids, token_embeds, context, prior_rows=prior)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=states).sample  # (B, 4, h, w)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=self._conditioning(states, ip_tokens)).sample  # (B, 4, h, w)
         kind = self.scheduler.config.prediction_type
         target = noise if kind == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
@@ -373,15 +440,42 @@ class DiffusionGenerator(Generator):
         seed: int = 0,
         negative_prompt: str = "",
         output_type: str = "pil",  # or "np": float arrays in [0, 1], unrounded (exact comparisons)
+        ip_tokens: torch.Tensor | None = None,  # (B, 4, D_cross) an IP-Adapter's image prompt
+        negative_ip_tokens: torch.Tensor | None = None,  # (B, 4, D_cross) its tokens for no image (guidance)
     ) -> list[Any]:
-        """Images for prompts; classifier-free guidance uses the negative prompt with zero context tokens."""
+        """Images for prompts; classifier-free guidance uses the negative prompt with zero context tokens, and an
+        IP-Adapter's tokens for no image."""
         ids = self.tokenize(prompts)
         states = self.encode_text(ids, token_embeds, context)
         negative = self.encode_text(self.tokenize([negative_prompt] * len(prompts)))
         if context is not None:
             negative = torch.cat([negative, torch.zeros_like(context, dtype=negative.dtype)], dim=1)
+        self._conditioning(states, ip_tokens)  # refuses tokens without processors and processors without tokens
         pipeline = self.sampling_pipeline()
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        return pipeline(prompt_embeds=states, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
+        settings = dict(prompt_embeds=states, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, generator=generator, height=self.resolution, width=self.resolution,
-                        output_type=output_type).images
+                        output_type=output_type)
+        if ip_tokens is None:
+            return pipeline(**settings).images
+        if negative_ip_tokens is None:
+            raise MMAdaptError("ip_tokens came without negative_ip_tokens: the IP-Adapter bridge gives them (its unconditional)")
+        guided = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None  # the pipeline's own test for guidance
+        tokens = torch.cat([negative_ip_tokens, ip_tokens]) if guided else ip_tokens  # the pipeline splits them in two
+        with self._projected_image_prompt():
+            return pipeline(**settings, ip_adapter_image_embeds=[tokens[:, None].to(states.dtype)]).images
+
+    @contextlib.contextmanager
+    def _projected_image_prompt(self) -> Iterator[None]:
+        """While sampling, the U-Net passes the pipeline's image embeddings on as they are: the bridge has projected
+        them already. The same place diffusers' load_ip_adapter puts the projection (`encoder_hid_proj`), holding an
+        identity, so the stock pipeline's own guidance and batching handle the image prompt."""
+        from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+        saved, kind = self.unet.encoder_hid_proj, self.unet.config.encoder_hid_dim_type
+        self.unet.encoder_hid_proj = MultiIPAdapterImageProjection([torch.nn.Identity()])
+        self.unet.config.encoder_hid_dim_type = "ip_image_proj"
+        try:
+            yield
+        finally:
+            self.unet.encoder_hid_proj, self.unet.config.encoder_hid_dim_type = saved, kind

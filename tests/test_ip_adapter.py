@@ -1,0 +1,97 @@
+"""The IP-Adapter bridge: diffusers' projection and decoupled cross-attention train, the U-Net stays bit-identical,
+and the export loads with stock `load_ip_adapter` and draws mmadapt's own picture."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mmadapt.core.assemble import assemble
+from mmadapt.core.card import load_card_weights, save_card
+from mmadapt.core.validate import check_recipe
+from mmadapt.data.collate import build_dataset, collator_for
+from mmadapt.errors import MMAdaptError, RecipeError
+from test_diffusion import as_array, randomize_trainables, sd_folder, stock_images, stock_pipeline  # noqa: F401
+
+PROMPT = "a handwritten digit"
+
+
+def ip_recipe(folder: Path, scale: float | None = 1.0, wired: bool = True) -> dict[str, Any]:
+    sd: dict[str, Any] = {"type": "diffusion", "checkpoint": str(folder), "inputs": {"ip_tokens": "ipa"} if wired else {}}
+    if scale is not None:
+        sd["ip_adapter_scale"] = scale
+    graph = {"vision": {"type": "open_clip_vision", "checkpoint": "zoo:digits-clip", "feature": "pooled"},
+             "ipa": {"type": "ip_adapter", "inputs": {"context": "vision"}}, "sd": sd}
+    if not wired:  # a soft prompt to train in the IP-Adapter's place
+        graph = {"tok": {"type": "soft_prompt", "num_tokens": 2}, "sd": {**sd, "inputs": {"context": "tok"}}}
+    return {"name": "tiny-ipa", "graph": graph, "data": {"type": "digits_captions", "split": "train", "text": PROMPT},
+            "train": {"steps": 2, "batch_size": 4}}
+
+
+def built(raw: dict[str, Any]) -> Any:
+    recipe, plan = check_recipe(raw, "test")
+    return assemble(recipe, plan)
+
+
+def batch_of(model: Any, count: int = 4) -> dict[str, Any]:
+    data = build_dataset({"type": "digits_captions", "split": "test", "text": PROMPT})
+    return collator_for(model, 64)([data[i] for i in range(count)])
+
+
+def test_only_the_projection_and_the_ip_key_values_train(sd_folder: Path) -> None:
+    model = built(ip_recipe(sd_folder))
+    unet = model.generator.unet
+    crosses = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    trainable = model.trainable_parameters()
+    assert sorted(trainable) == sorted([f"ipa.projection.{k}" for k in ("image_embeds.weight", "image_embeds.bias", "norm.weight", "norm.bias")]
+                                       + [f"sd.unet.{n}.to_{kv}_ip.0.weight" for n in crosses for kv in "kv"])
+    for name in crosses:  # IP-Adapter's training starts the image key/values from the text ones
+        attention = unet.get_submodule(name.rsplit(".", 1)[0])
+        assert torch.equal(attention.processor.to_k_ip[0].weight, attention.to_k.weight)
+    frozen = {k: v.clone() for k, v in unet.state_dict().items() if "_ip." not in k}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    before = {k: p.detach().clone() for k, p in trainable.items()}
+    loss = model(batch_of(model))["loss"]
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    optimizer.step()
+    assert all(not torch.equal(before[k], p) for k, p in trainable.items())
+    assert all(torch.equal(frozen[k], v) for k, v in unet.state_dict().items() if "_ip." not in k)
+
+
+def test_the_export_loads_with_load_ip_adapter_and_draws_the_same_picture(sd_folder: Path, tmp_path: Path) -> None:
+    model = built(ip_recipe(sd_folder))
+    randomize_trainables(model, scale=0.2)
+    card = save_card(model, tmp_path / "card")
+    batch = batch_of(model, 2)
+    ours = as_array(model.generate(batch, [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3))
+    # What a user of stock diffusers computes for this encoder: its pooled embedding, as the export's note says
+    embeds = model.nodes["ipa"].embedding(model.run_nodes(batch, until_generator=True)["vision"])  # (2, D)
+    stock = stock_pipeline(sd_folder)
+    plain = stock_images(stock, [PROMPT] * 2, seed=3)
+    stock.load_ip_adapter(str(card / "diffusers"), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None)
+    generator = torch.Generator().manual_seed(3)
+    theirs = stock([PROMPT] * 2, num_inference_steps=4, guidance_scale=4.0, generator=generator, output_type="np",
+                   ip_adapter_image_embeds=[torch.cat([torch.zeros_like(embeds), embeds])[:, None]]).images
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert np.abs(plain - theirs).max() > 5e-3  # the image prompt changes the picture, so the match is not vacuous
+    assert np.abs(ours[0] - ours[1]).max() > 5e-3  # and each picture's own prompt counts
+
+    again = built(ip_recipe(sd_folder))
+    load_card_weights(again, card)
+    assert np.array_equal(as_array(again.generate(batch, [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3)), ours)
+
+
+def test_tokens_without_the_attention_or_the_attention_without_tokens_are_refused(sd_folder: Path) -> None:
+    with pytest.raises(RecipeError, match=r"graph\.sd\.ip_adapter_scale: inputs\.ip_tokens is wired, but the U-Net has no "
+                                          r"IP-Adapter attention to read them: set ip_adapter_scale"):
+        built(ip_recipe(sd_folder, scale=None))
+    with pytest.raises(RecipeError, match=r"graph\.sd\.ip_adapter_scale: is set, but no node feeds inputs\.ip_tokens"):
+        built(ip_recipe(sd_folder, wired=False))
+    # and at run time, for a generator built outside a recipe
+    model = built(ip_recipe(sd_folder))
+    with pytest.raises(MMAdaptError, match="has ip_adapter_scale set, but no ip_tokens reached it"):
+        model.generator.generate([PROMPT], num_inference_steps=1)
