@@ -19,12 +19,14 @@ from test_diffusion import as_array, randomize_trainables, sd_folder, stock_imag
 PROMPT = "a handwritten digit"
 
 
-def ip_recipe(folder: Path, scale: float | None = 1.0, wired: bool = True) -> dict[str, Any]:
+def ip_recipe(folder: Path, scale: float | None = 1.0, wired: bool = True, variant: str = "plain") -> dict[str, Any]:
     sd: dict[str, Any] = {"type": "diffusion", "checkpoint": str(folder), "inputs": {"ip_tokens": "ipa"} if wired else {}}
     if scale is not None:
         sd["ip_adapter_scale"] = scale
-    graph = {"vision": {"type": "open_clip_vision", "checkpoint": "zoo:digits-clip", "feature": "pooled"},
-             "ipa": {"type": "ip_adapter", "inputs": {"context": "vision"}}, "sd": sd}
+    plus = variant == "plus"  # the resampler reads the encoder's patch tokens; plain its pooled embedding
+    graph = {"vision": {"type": "open_clip_vision", "checkpoint": "zoo:digits-clip", "feature": "patch" if plus else "pooled"},
+             "ipa": {"type": "ip_adapter", "inputs": {"context": "vision"}, "variant": variant, **({"num_queries": 6} if plus else {})},
+             "sd": sd}
     if not wired:  # a soft prompt to train in the IP-Adapter's place
         graph = {"tok": {"type": "soft_prompt", "num_tokens": 2}, "sd": {**sd, "inputs": {"context": "tok"}}}
     return {"name": "tiny-ipa", "graph": graph, "data": {"type": "digits_captions", "split": "train", "text": PROMPT},
@@ -41,12 +43,13 @@ def batch_of(model: Any, count: int = 4) -> dict[str, Any]:
     return collator_for(model, 64)([data[i] for i in range(count)])
 
 
-def test_only_the_projection_and_the_ip_key_values_train(sd_folder: Path) -> None:
-    model = built(ip_recipe(sd_folder))
+@pytest.mark.parametrize("variant", ["plain", "plus"])
+def test_only_the_projection_and_the_ip_key_values_train(sd_folder: Path, variant: str) -> None:
+    model = built(ip_recipe(sd_folder, variant=variant))
     unet = model.generator.unet
     crosses = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
     trainable = model.trainable_parameters()
-    assert sorted(trainable) == sorted([f"ipa.projection.{k}" for k in ("image_embeds.weight", "image_embeds.bias", "norm.weight", "norm.bias")]
+    assert sorted(trainable) == sorted([f"ipa.projection.{k}" for k in model.nodes["ipa"].projection.state_dict()]
                                        + [f"sd.unet.{n}.to_{kv}_ip.0.weight" for n in crosses for kv in "kv"])
     for name in crosses:  # IP-Adapter's training starts the image key/values from the text ones
         attention = unet.get_submodule(name.rsplit(".", 1)[0])
@@ -62,14 +65,15 @@ def test_only_the_projection_and_the_ip_key_values_train(sd_folder: Path) -> Non
     assert all(torch.equal(frozen[k], v) for k, v in unet.state_dict().items() if "_ip." not in k)
 
 
-def test_the_export_loads_with_load_ip_adapter_and_draws_the_same_picture(sd_folder: Path, tmp_path: Path) -> None:
-    model = built(ip_recipe(sd_folder))
+@pytest.mark.parametrize("variant", ["plain", "plus"])
+def test_the_export_loads_with_load_ip_adapter_and_draws_the_same_picture(sd_folder: Path, tmp_path: Path, variant: str) -> None:
+    model = built(ip_recipe(sd_folder, variant=variant))
     randomize_trainables(model, scale=0.2)
     card = save_card(model, tmp_path / "card")
     batch = batch_of(model, 2)
     ours = as_array(model.generate(batch, [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3))
     # What a user of stock diffusers computes for this encoder: its pooled embedding, as the export's note says
-    embeds = model.nodes["ipa"].embedding(model.run_nodes(batch, until_generator=True)["vision"])  # (2, D)
+    embeds = model.nodes["ipa"].embedding(model.run_nodes(batch, until_generator=True)["vision"])  # plain (2, D); plus (2, N, D)
     stock = stock_pipeline(sd_folder)
     plain = stock_images(stock, [PROMPT] * 2, seed=3)
     stock.load_ip_adapter(str(card / "diffusers"), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None)
@@ -80,7 +84,7 @@ def test_the_export_loads_with_load_ip_adapter_and_draws_the_same_picture(sd_fol
     assert np.abs(plain - theirs).max() > 5e-3  # the image prompt changes the picture, so the match is not vacuous
     assert np.abs(ours[0] - ours[1]).max() > 5e-3  # and each picture's own prompt counts
 
-    again = built(ip_recipe(sd_folder))
+    again = built(ip_recipe(sd_folder, variant=variant))
     load_card_weights(again, card)
     assert np.array_equal(as_array(again.generate(batch, [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3)), ours)
 

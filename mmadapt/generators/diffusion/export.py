@@ -78,15 +78,13 @@ def static_token(model: AssembledModel) -> torch.Tensor | None:
 
 
 def ip_adapter_tensors(model: AssembledModel) -> dict[str, torch.Tensor] | None:
-    """IP-Adapter's file layout, as `load_ip_adapter` reads it: `image_proj.{proj,norm}.*` from the bridge's projection,
+    """IP-Adapter's file layout, as `load_ip_adapter` reads it: `image_proj.*` from the bridge's projection,
     and `ip_adapter.{n}.to_{k,v}_ip.weight` from the U-Net's processors, n = 1, 3, 5, ... in `attn_processors` order (the
     loader counts every cross-attention by two). None when no IP-Adapter bridge feeds the generator."""
     refs = model.plan.inputs[model.generator_name].get("ip_tokens", [])
     if not refs:
         return None
-    projection = model.nodes[refs[0].source].projection  # diffusers' ImageProjection: image_embeds (Linear), norm
-    tensors = {f"image_proj.{'proj' if k.startswith('image_embeds.') else 'norm'}.{k.rsplit('.', 1)[1]}": v
-               for k, v in projection.state_dict().items()}
+    tensors = {f"image_proj.{k}": v for k, v in model.nodes[refs[0].source].image_proj_state().items()}
     for index, processor in enumerate(model.generator.ip_processors()):
         tensors[f"ip_adapter.{1 + 2 * index}.to_k_ip.weight"] = processor.to_k_ip[0].weight
         tensors[f"ip_adapter.{1 + 2 * index}.to_v_ip.weight"] = processor.to_v_ip[0].weight
