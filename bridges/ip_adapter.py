@@ -4,16 +4,17 @@ projections train there)."""
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from mmadapt.core.nodes import Bridge
 from mmadapt.core.params import PositiveInt
+from mmadapt.core.semantics import Finding, NodeContext, argument
 from mmadapt.errors import MMAdaptError
 
 Variant = Literal["plain", "plus"]
-Pool = Literal["first", "mean"]
+Pool = Literal["first", "mean", "flatten"]
 PLAIN_TOKENS = 4  # diffusers' loader rebuilds a plain IP-Adapter's projection with 4 tokens, whatever the file holds
 PLUS_DEPTH, PLUS_HEAD_DIM = 4, 64  # and a plus one with 4 resampler layers of 64-wide heads: the file cannot say otherwise
 
@@ -28,25 +29,41 @@ class IPAdapter(Bridge):
 
     width_input = "context"
 
+    @classmethod
+    def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
+        """pool: flatten comes with input_tokens (plain only); a plus resampler's width splits into 64-wide heads."""
+        variant, pool, tokens, hidden = (argument(cls, params, k) for k in ("variant", "pool", "input_tokens", "hidden_size"))
+        findings = []
+        if (pool == "flatten") != (tokens is not None) or (pool == "flatten" and variant != "plain"):
+            findings.append(Finding("input_tokens" if tokens is not None else "pool",
+                                    "pool: flatten (variant: plain) joins input_tokens encoder tokens into one embedding; give "
+                                    "input_tokens with it, and only with it"))
+        if variant == "plus" and isinstance(hidden, int) and hidden % PLUS_HEAD_DIM:
+            findings.append(Finding("hidden_size", f"{hidden} is not a multiple of {PLUS_HEAD_DIM}: diffusers' loader reads the "
+                                                   f"resampler's heads as {PLUS_HEAD_DIM} wide (e.g. hidden_size: "
+                                                   f"{PLUS_HEAD_DIM * max(1, round(hidden / PLUS_HEAD_DIM))})"))
+        return findings
+
     def __init__(
         self,
         in_dim: PositiveInt,
         out_dim: PositiveInt,
         variant: Variant = "plain",  # plain reads one embedding per input; plus reads all its tokens (IP-Adapter Plus)
-        pool: Pool = "first",  # plain: the embedding of N encoder tokens, the first (class or pooled token) or their mean
+        # plain: the embedding of N encoder tokens: the first (a class or pooled token), their mean, or all of them joined
+        # (flatten, N = input_tokens: an encoder whose tokens each hold a part of the input, as AudioMAE's patch grid)
+        pool: Pool = "first",
+        input_tokens: PositiveInt | None = None,  # plain with pool: flatten: N, the encoder's token count
         num_queries: PositiveInt = 16,  # plus: image-prompt tokens (IP-Adapter Plus uses 16)
         hidden_size: PositiveInt = 128,  # plus: the resampler's width, a multiple of 64 (its heads are 64 wide)
     ) -> None:
         super().__init__()
         from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
 
-        self.in_dim, self.out_dim, self.variant, self.pool = in_dim, out_dim, variant, pool
+        self.in_dim, self.out_dim, self.variant, self.pool, self.input_tokens = in_dim, out_dim, variant, pool, input_tokens
         if variant == "plain":
-            self.projection = ImageProjection(image_embed_dim=in_dim, cross_attention_dim=out_dim, num_image_text_embeds=PLAIN_TOKENS)
+            self.projection = ImageProjection(image_embed_dim=in_dim * (input_tokens or 1), cross_attention_dim=out_dim,
+                                              num_image_text_embeds=PLAIN_TOKENS)
             return
-        if hidden_size % PLUS_HEAD_DIM:
-            raise MMAdaptError(f"hidden_size {hidden_size} is not a multiple of {PLUS_HEAD_DIM}: diffusers' loader reads the "
-                               f"resampler's heads as {PLUS_HEAD_DIM} wide (e.g. hidden_size: {PLUS_HEAD_DIM * max(1, round(hidden_size / PLUS_HEAD_DIM))})")
         self.projection = IPAdapterPlusImageProjection(embed_dims=in_dim, output_dims=out_dim, hidden_dims=hidden_size,
                                                        depth=PLUS_DEPTH, dim_head=PLUS_HEAD_DIM, heads=hidden_size // PLUS_HEAD_DIM,
                                                        num_queries=num_queries)
@@ -56,6 +73,10 @@ class IPAdapter(Bridge):
         plus the tokens themselves."""
         if self.variant == "plus":
             return context
+        if self.pool == "flatten":
+            if context.shape[1] != self.input_tokens:
+                raise MMAdaptError(f"ip_adapter: input_tokens is {self.input_tokens}, but the encoder gave {context.shape[1]} tokens")
+            return context.flatten(1)  # (B, N * D_in)
         return context[:, 0] if self.pool == "first" else context.mean(dim=1)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,25 @@ def test_tokens_without_the_attention_or_the_attention_without_tokens_are_refuse
     model = built(ip_recipe(sd_folder))
     with pytest.raises(MMAdaptError, match="has ip_adapter_scale set, but no ip_tokens reached it"):
         model.generator.generate([PROMPT], num_inference_steps=1)
+
+
+def test_bridge_settings_that_cannot_work_are_refused_before_loading(sd_folder: Path) -> None:
+    raw = ip_recipe(sd_folder)
+    raw["graph"]["ipa"].update(pool="flatten")
+    with pytest.raises(RecipeError, match=r"graph\.ipa\.pool: pool: flatten \(variant: plain\) joins input_tokens"):
+        built(raw)
+    raw = ip_recipe(sd_folder, variant="plus")
+    raw["graph"]["ipa"].update(hidden_size=96)
+    with pytest.raises(RecipeError, match=r"graph\.ipa\.hidden_size: 96 is not a multiple of 64: .* \(e\.g\. hidden_size: 128\)"):
+        built(raw)
+
+
+def test_a_flattened_token_grid_is_one_embedding_of_all_its_tokens(sd_folder: Path) -> None:
+    raw = ip_recipe(sd_folder)
+    raw["graph"]["vision"]["feature"] = "patch"
+    raw["graph"]["ipa"].update(pool="flatten", input_tokens=16)  # digits-clip: 4x4 patches
+    model = built(raw)
+    tokens = model.run_nodes(batch_of(model, 2), until_generator=True)["vision"]  # (2, 16, D)
+    bridge = model.nodes["ipa"]
+    assert bridge.projection.image_embeds.in_features == 16 * tokens.shape[-1]
+    assert torch.equal(bridge.embedding(tokens), tokens.reshape(2, -1))
