@@ -292,3 +292,33 @@ def test_below_the_ceiling_the_summary_counts_distinct_files_and_occurrences(tmp
     assert f"training data: skipped {occurrences} bad-sample occurrences from {len(bad)} distinct files; first: " in summary
     # The reason is the file's own, even where training met it as a missing cache entry.
     assert summary.count("not a readable image") == len(bad) and "no cache entry" not in summary
+
+
+def test_a_card_export_that_fails_loses_no_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final card's stock exports fail: the run says so and where the trained tensors are (the last checkpoint,
+    which carries no exports), and --resume writes the card without another step."""
+    from typing import Any
+
+    from safetensors.torch import load_file
+
+    from mmadapt.generators.causal_lm import CausalLM
+
+    raw = tiny_recipe("qformer", output_dir=str(tmp_path / "run"), steps=3, save_every=0)
+    original = CausalLM.export
+
+    def failing(self: CausalLM, model: Any, folder: Path) -> list[str]:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(CausalLM, "export", failing)
+    trainer = trainer_for(raw)
+    with pytest.raises(TrainingError, match=r"training finished, but writing the card to .*card failed \(RuntimeError: disk full\); "
+                                            r"the trained tensors and the optimizer state are in .*step-0000003"):
+        trainer.train()
+    trained = {k: p.detach().clone() for k, p in trainer.model.trainable_parameters().items()}
+    assert not (tmp_path / "run" / "card").exists()
+    monkeypatch.setattr(CausalLM, "export", original)
+    again = trainer_for(raw)
+    again.train(resume=True)
+    assert len(losses(tmp_path / "run")) == 3  # no step trained twice
+    card = load_file(str(tmp_path / "run" / "card" / "bridge.safetensors"))
+    assert all(torch.equal(card[k], v) for k, v in trained.items())

@@ -82,14 +82,17 @@ def same_base(card_base: dict[str, Any], here: dict[str, Any], weights: str) -> 
     return card_base.get("config_hash") == here.get("config_hash") and card_base.get("weights") in (None, weights)
 
 
-def write_card(model: AssembledModel, directory: Path) -> None:
-    """Write the card's files into an existing folder (callers make it atomic)."""
+def write_card(model: AssembledModel, directory: Path, exports: bool = True) -> None:
+    """Write the card's files into an existing folder (callers make it atomic). `exports`: also the files stock
+    libraries load (peft, and the generator's own); a training checkpoint leaves them out, so that an export that
+    fails cannot take the trained tensors and the optimizer state down with it."""
     tensors = {k: p.detach().cpu().contiguous() for k, p in model.trainable_parameters().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": CARD_FORMAT})
     (directory / RECIPE_FILE).write_text(yaml.safe_dump(resolved_recipe(model), sort_keys=False))
     (directory / META_FILE).write_text(json.dumps(card_metadata(model), indent=2))
-    export_peft_adapters(model, directory / "peft")
-    model.generator.export(model, directory)  # the files stock libraries load for this kind of generator, if any
+    if exports:
+        export_peft_adapters(model, directory / "peft")
+        model.generator.export(model, directory)  # the files stock libraries load for this kind of generator, if any
 
 
 def save_card(model: AssembledModel, directory: str | Path) -> Path:

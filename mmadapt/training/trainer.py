@@ -204,7 +204,7 @@ class Trainer:
         if self.is_main:
             final = self.out_dir / CHECKPOINTS / f"step-{step:07d}"
             with atomic_dir(final) as tmp:
-                write_card(self.model, tmp)
+                write_card(self.model, tmp, exports=False)
                 state = {"step": step, "consumed": consumed, "optimizer": self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "history": self.history}
                 save_trainer_state(tmp, state)
@@ -306,7 +306,14 @@ class Trainer:
         self.save_checkpoint(step, consumed)
         card_dir = self.out_dir / "card"
         if self.is_main:
-            save_card(self.model, card_dir)
+            try:
+                save_card(self.model, card_dir)
+            except Exception as exc:  # noqa: BLE001 - whatever the export hit, the trained tensors are safe: say where
+                last = latest_checkpoint(self.out_dir)
+                raise TrainingError(f"training finished, but writing the card to {card_dir} failed ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''}); the trained tensors and the optimizer "
+                                    f"state are in {last}: fix the cause, then `mmadapt train ... --resume` writes the card "
+                                    "without training again") from exc
             self._plot()
             for bad, data_name in ((self.bad_samples, "training"), (self.val_bad_samples, "validation")):
                 if bad.occurrences:
