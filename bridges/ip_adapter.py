@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from mmadapt.core.nodes import Bridge
-from mmadapt.core.params import PositiveInt
+from mmadapt.core.params import Dropout, PositiveInt
 from mmadapt.core.semantics import Finding, NodeContext, argument
 from mmadapt.errors import MMAdaptError
 
@@ -55,11 +55,15 @@ class IPAdapter(Bridge):
         input_tokens: PositiveInt | None = None,  # plain with pool: flatten: N, the encoder's token count
         num_queries: PositiveInt = 16,  # plus: image-prompt tokens (IP-Adapter Plus uses 16)
         hidden_size: PositiveInt = 128,  # plus: the resampler's width, a multiple of 64 (its heads are 64 wide)
+        # IP-Adapter's training zeroes a sample's embedding with this probability, so the adapter learns the no-image
+        # prompt that guidance contrasts with (the pipeline's negative is the projection of zeros)
+        drop_rate: Dropout = 0.05,
     ) -> None:
         super().__init__()
         from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
 
         self.in_dim, self.out_dim, self.variant, self.pool, self.input_tokens = in_dim, out_dim, variant, pool, input_tokens
+        self.drop_rate = drop_rate
         if variant == "plain":
             self.projection = ImageProjection(image_embed_dim=in_dim * (input_tokens or 1), cross_attention_dim=out_dim,
                                               num_image_text_embeds=PLAIN_TOKENS)
@@ -80,7 +84,11 @@ class IPAdapter(Bridge):
         return context[:, 0] if self.pool == "first" else context.mean(dim=1)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.embedding(context))  # (B, T, D_cross)
+        embedding = self.embedding(context)  # plain (B, D_in); plus (B, N, D_in)
+        if self.training and self.drop_rate > 0:
+            kept = torch.rand(embedding.shape[0], device=embedding.device) >= self.drop_rate  # (B,)
+            embedding = embedding * kept.view(-1, *[1] * (embedding.dim() - 1)).to(embedding.dtype)
+        return self.projection(embedding)  # (B, T, D_cross)
 
     def unconditional(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The tokens of no input, for classifier-free guidance: the projection of a zero embedding, as diffusers'

@@ -69,6 +69,7 @@ def test_only_the_projection_and_the_ip_key_values_train(sd_folder: Path, varian
 def test_the_export_loads_with_load_ip_adapter_and_draws_the_same_picture(sd_folder: Path, tmp_path: Path, variant: str) -> None:
     model = built(ip_recipe(sd_folder, variant=variant))
     randomize_trainables(model, scale=0.2)
+    model.eval()  # the bridge's training-time embedding dropout off
     card = save_card(model, tmp_path / "card")
     batch = batch_of(model, 2)
     ours = as_array(model.generate(batch, [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3))
@@ -84,7 +85,7 @@ def test_the_export_loads_with_load_ip_adapter_and_draws_the_same_picture(sd_fol
     assert np.abs(plain - theirs).max() > 5e-3  # the image prompt changes the picture, so the match is not vacuous
     assert np.abs(ours[0] - ours[1]).max() > 5e-3  # and each picture's own prompt counts
 
-    again = built(ip_recipe(sd_folder, variant=variant))
+    again = built(ip_recipe(sd_folder, variant=variant)).eval()
     load_card_weights(again, card)
     assert np.array_equal(as_array(again.generate(batch, [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3)), ours)
 
@@ -121,3 +122,18 @@ def test_a_flattened_token_grid_is_one_embedding_of_all_its_tokens(sd_folder: Pa
     bridge = model.nodes["ipa"]
     assert bridge.projection.image_embeds.in_features == 16 * tokens.shape[-1]
     assert torch.equal(bridge.embedding(tokens), tokens.reshape(2, -1))
+
+
+def test_training_drops_an_embedding_to_the_no_image_prompt_guidance_uses(sd_folder: Path) -> None:
+    """IP-Adapter's training zeroes an embedding now and then: those samples get exactly the tokens guidance contrasts
+    with; in eval, none is dropped."""
+    model = built(ip_recipe(sd_folder))
+    bridge = model.nodes["ipa"]
+    tokens = model.run_nodes(batch_of(model, 4), until_generator=True)["vision"]
+    bridge.drop_rate = 1.0
+    assert torch.allclose(bridge.train()(tokens), bridge.unconditional(tokens, tokens))
+    assert not torch.allclose(bridge.eval()(tokens), bridge.unconditional(tokens, tokens))
+    bridge.drop_rate = 0.5
+    torch.manual_seed(0)
+    dropped = [bool(torch.allclose(t, u)) for t, u in zip(bridge.train()(tokens.repeat(8, 1, 1)), bridge.unconditional(tokens, tokens).repeat(8, 1, 1))]
+    assert 0 < sum(dropped) < len(dropped)  # per sample, not per batch
