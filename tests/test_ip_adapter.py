@@ -38,9 +38,9 @@ def built(raw: dict[str, Any]) -> Any:
     return assemble(recipe, plan)
 
 
-def batch_of(model: Any, count: int = 4) -> dict[str, Any]:
+def batch_of(model: Any, count: int = 4, indices: list[int] | None = None) -> dict[str, Any]:
     data = build_dataset({"type": "digits_captions", "split": "test", "text": PROMPT})
-    return collator_for(model, 64)([data[i] for i in range(count)])
+    return collator_for(model, 64)([data[i] for i in (indices if indices is not None else range(count))])
 
 
 @pytest.mark.parametrize("variant", ["plain", "plus"])
@@ -71,23 +71,30 @@ def test_the_export_loads_with_load_ip_adapter_and_draws_the_same_picture(sd_fol
     randomize_trainables(model, scale=0.2)
     model.eval()  # the bridge's training-time embedding dropout off
     card = save_card(model, tmp_path / "card")
-    batch = batch_of(model, 2)
-    ours = as_array(model.generate(batch, [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3))
-    # What a user of stock diffusers computes for this encoder: its pooled embedding, as the export's note says
-    embeds = model.nodes["ipa"].embedding(model.run_nodes(batch, until_generator=True)["vision"])  # plain (2, D); plus (2, N, D)
     stock = stock_pipeline(sd_folder)
-    plain = stock_images(stock, [PROMPT] * 2, seed=3)
+    plain = stock_images(stock, [PROMPT], seed=3)
     stock.load_ip_adapter(str(card / "diffusers"), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None)
-    generator = torch.Generator().manual_seed(3)
-    theirs = stock([PROMPT] * 2, num_inference_steps=4, guidance_scale=4.0, generator=generator, output_type="np",
-                   ip_adapter_image_embeds=[torch.cat([torch.zeros_like(embeds), embeds])[:, None]]).images
-    assert np.abs(ours - theirs).max() < 1e-4
-    assert np.abs(plain - theirs).max() > 5e-3  # the image prompt changes the picture, so the match is not vacuous
+    ours = []
+    for index in (0, 1):  # the stock pipeline takes one image prompt per call (it repeats the embeddings per prompt)
+        batch = batch_of(model, indices=[index])
+        ours.append(as_array(model.generate(batch, [PROMPT], num_inference_steps=4, output_type="np", seed=3))[0])
+        # What a user of stock diffusers computes for this encoder: the embedding the bridge projects
+        embeds = model.nodes["ipa"].embedding(model.run_nodes(batch, until_generator=True)["vision"])  # plain (1, D); plus (1, N, D)
+        generator = torch.Generator().manual_seed(3)
+        theirs = stock([PROMPT], num_inference_steps=4, guidance_scale=4.0, generator=generator, output_type="np",
+                       ip_adapter_image_embeds=[torch.cat([torch.zeros_like(embeds), embeds])[:, None]]).images[0]
+        assert np.abs(ours[-1] - theirs).max() < 1e-4
+        assert np.abs(plain[0] - theirs).max() > 5e-3  # the image prompt changes the picture, so the match is not vacuous
     assert np.abs(ours[0] - ours[1]).max() > 5e-3  # and each picture's own prompt counts
+    # In a batch, each picture follows its own image prompt alone (the pipeline's repeat once mixed them all)
+    pair = as_array(model.generate(batch_of(model, indices=[0, 1]), [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3))
+    same = as_array(model.generate(batch_of(model, indices=[0, 0]), [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3))
+    assert np.abs(pair[0] - same[0]).max() < 1e-5 and np.abs(pair[0] - ours[0]).max() < 1e-4
 
     again = built(ip_recipe(sd_folder, variant=variant)).eval()
     load_card_weights(again, card)
-    assert np.array_equal(as_array(again.generate(batch, [PROMPT] * 2, num_inference_steps=4, output_type="np", seed=3)), ours)
+    assert np.array_equal(as_array(again.generate(batch_of(again, indices=[0, 1]), [PROMPT] * 2, num_inference_steps=4,
+                                                  output_type="np", seed=3)), pair)
 
 
 def test_tokens_without_the_attention_or_the_attention_without_tokens_are_refused(sd_folder: Path) -> None:

@@ -461,20 +461,24 @@ class DiffusionGenerator(Generator):
         if negative_ip_tokens is None:
             raise MMAdaptError("ip_tokens came without negative_ip_tokens: the IP-Adapter bridge gives them (its unconditional)")
         guided = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None  # the pipeline's own test for guidance
-        tokens = torch.cat([negative_ip_tokens, ip_tokens]) if guided else ip_tokens  # the pipeline splits them in two
-        with self._projected_image_prompt():
-            return pipeline(**settings, ip_adapter_image_embeds=[tokens[:, None].to(states.dtype)]).images
+        tokens = torch.cat([negative_ip_tokens, ip_tokens]) if guided else ip_tokens  # in the pipeline's [uncond; cond] order
+        with self._image_prompt(tokens[:, None].to(states.dtype)):  # (2B or B, 1 image, T, D)
+            # The pipeline repeats ip_adapter_image_embeds once per prompt: it takes one image prompt for the whole batch,
+            # and B of them would come out as B * B tokens, each sample attending to every sample's picture. So it gets
+            # one stand-in, and the U-Net's projection slot hands each sample its own tokens.
+            stand_in = tokens[: 2 if guided else 1, None].to(states.dtype)  # the pipeline splits a guided one in two
+            return pipeline(**settings, ip_adapter_image_embeds=[stand_in]).images
 
     @contextlib.contextmanager
-    def _projected_image_prompt(self) -> Iterator[None]:
-        """While sampling, the U-Net passes the pipeline's image embeddings on as they are: the bridge has projected
-        them already. The same place diffusers' load_ip_adapter puts the projection (`encoder_hid_proj`), holding an
-        identity, so the stock pipeline's own guidance and batching handle the image prompt."""
+    def _image_prompt(self, tokens: torch.Tensor) -> Iterator[None]:
+        """While sampling, the U-Net's image-prompt projection (`encoder_hid_proj`, where diffusers' load_ip_adapter puts
+        it) returns these per-sample tokens, projected already by the bridge, whatever the pipeline passes it."""
         from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
         saved, kind = self.unet.encoder_hid_proj, self.unet.config.encoder_hid_dim_type
-        self.unet.encoder_hid_proj = MultiIPAdapterImageProjection([torch.nn.Identity()])
-        self.unet.config.encoder_hid_dim_type = "ip_image_proj"
+        slot = MultiIPAdapterImageProjection([torch.nn.Identity()])  # the class the pipeline looks for
+        slot.forward = lambda image_embeds: [tokens]  # each sample's own tokens, whatever the pipeline passes in
+        self.unet.encoder_hid_proj, self.unet.config.encoder_hid_dim_type = slot, "ip_image_proj"
         try:
             yield
         finally:
