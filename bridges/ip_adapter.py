@@ -90,7 +90,7 @@ class IPAdapter(Bridge):
             embedding = embedding * kept.view(-1, *[1] * (embedding.dim() - 1)).to(embedding.dtype)
         return self.projection(embedding)  # (B, T, D_cross)
 
-    def unconditional(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def unconditional(self, context: torch.Tensor) -> torch.Tensor:
         """The tokens of no input, for classifier-free guidance: the projection of a zero embedding, as diffusers'
         pipeline makes its negative image prompt from given embeddings (`zeros_like`), in the shape `embedding` gives."""
         return self.projection(torch.zeros_like(self.embedding(context)))  # (B, T, D_cross)

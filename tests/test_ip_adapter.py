@@ -138,9 +138,9 @@ def test_training_drops_an_embedding_to_the_no_image_prompt_guidance_uses(sd_fol
     bridge = model.nodes["ipa"]
     tokens = model.run_nodes(batch_of(model, 4), until_generator=True)["vision"]
     bridge.drop_rate = 1.0
-    assert torch.allclose(bridge.train()(tokens), bridge.unconditional(tokens, tokens))
-    assert not torch.allclose(bridge.eval()(tokens), bridge.unconditional(tokens, tokens))
+    assert torch.allclose(bridge.train()(tokens), bridge.unconditional(tokens))
+    assert not torch.allclose(bridge.eval()(tokens), bridge.unconditional(tokens))
     bridge.drop_rate = 0.5
     torch.manual_seed(0)
-    dropped = [bool(torch.allclose(t, u)) for t, u in zip(bridge.train()(tokens.repeat(8, 1, 1)), bridge.unconditional(tokens, tokens).repeat(8, 1, 1))]
+    dropped = [bool(torch.allclose(t, u)) for t, u in zip(bridge.train()(tokens.repeat(8, 1, 1)), bridge.unconditional(tokens).repeat(8, 1, 1))]
     assert 0 < sum(dropped) < len(dropped)  # per sample, not per batch

@@ -170,11 +170,10 @@ class AssembledModel(nn.Module):
         rows = self.node_rows(batch)
         bridged = {port: self.port_value(name, port, refs, batch, outputs, rows)
                    for port, refs in self.plan.inputs[name].items() if not any(r.is_data for r in refs)}
-        return self.generator.generate(prompts, **bridged, **self.unconditional(bridged, batch, outputs, rows), **settings)
+        return self.generator.generate(prompts, **bridged, **self.unconditional(batch, outputs, rows), **settings)
 
-    def unconditional(self, bridged: dict[str, Any], batch: dict[str, Any], outputs: dict[str, Any],
-                      rows: dict[str, list[int] | None]) -> dict[str, torch.Tensor]:
-        """`negative_<port>`: what a bridge gives for no input (its `unconditional(output, **its inputs)`, e.g.
+    def unconditional(self, batch: dict[str, Any], outputs: dict[str, Any], rows: dict[str, list[int] | None]) -> dict[str, torch.Tensor]:
+        """`negative_<port>`: what a bridge gives for no input (its `unconditional(**its inputs)`, e.g.
         IP-Adapter's projection of a zero embedding), for a generator whose guidance takes it; ports whose bridge has
         none are left out."""
         takes = inspect.signature(self.generator.generate).parameters
@@ -184,5 +183,5 @@ class AssembledModel(nn.Module):
             if len(nodes) == 1 == len(refs) and hasattr(self.nodes[nodes[0]], "unconditional") and f"negative_{port}" in takes:
                 source = nodes[0]
                 inputs = {p: self.port_value(source, p, r, batch, outputs, rows) for p, r in self.plan.inputs[source].items()}
-                found[f"negative_{port}"] = self.nodes[source].unconditional(bridged[port], **inputs)
+                found[f"negative_{port}"] = self.nodes[source].unconditional(**inputs)
         return found
