@@ -16,6 +16,7 @@ NODE_TYPES: dict[str, str] = {
     "hf_audio": "mmadapt.encoders.hf_audio.HFAudioEncoder",
     "causal_lm": "mmadapt.generators.causal_lm.CausalLM",
     "diffusion": "mmadapt.generators.diffusion.generator.DiffusionGenerator",
+    "sdxl": "mmadapt.generators.diffusion.sdxl.SDXLGenerator",
     "token": "bridges.token.TokenEmbedder",
     "linear_projector": "bridges.projector.LinearProjector",
     "mlp_projector": "bridges.projector.MLPProjector",

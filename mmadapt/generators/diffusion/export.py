@@ -18,7 +18,7 @@ IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"  # pipe.load_ip_adapter(folder, su
 
 
 def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
-    """Write what `StableDiffusionPipeline` loads: LoRA via save_lora_weights (alpha kept in its metadata), LoKr via
+    """Write what the layout's stock pipeline loads: LoRA via its save_lora_weights (alpha kept in the metadata), LoKr via
     the U-Net's save_lora_adapter into `lokr/`, a static token via the textual-inversion layout. Returns what was written."""
     from peft import LoKrConfig, LoraConfig
 
@@ -26,7 +26,7 @@ def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
     written: list[str] = []
     folder.mkdir(parents=True, exist_ok=True)
     lora: dict[str, Any] = {}
-    for inner in ("unet", "text_encoder"):
+    for inner in generator.lora_parts:
         module = getattr(generator, inner)
         config = peft_config_of(module)
         if isinstance(config, LoraConfig):
@@ -43,13 +43,14 @@ def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
             module.save_lora_adapter(str(folder / "lokr"), safe_serialization=True)
             written.append("lokr/")
     if lora:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
-        StableDiffusionPipeline.save_lora_weights(str(folder), weight_name=LORA_WEIGHTS, safe_serialization=True, **lora)
+        getattr(diffusers, generator.pipeline_class).save_lora_weights(str(folder), weight_name=LORA_WEIGHTS,
+                                                                         safe_serialization=True, **lora)
         written.append(LORA_WEIGHTS)
     token = static_token(model)
     if token is not None:
-        save_file({generator.placeholder: token}, str(folder / TEXTUAL_INVERSION))
+        save_file(generator.textual_inversion_state(token), str(folder / TEXTUAL_INVERSION))
         written.append(TEXTUAL_INVERSION)
     ip_adapter = ip_adapter_tensors(model)
     if ip_adapter is not None:

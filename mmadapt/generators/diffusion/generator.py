@@ -19,6 +19,19 @@ from mmadapt.core.semantics import Finding, NodeContext, meta_built
 from mmadapt.zoo import resolve_checkpoint
 
 DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}
+# Which node type reads a pipeline folder, by the `_class_name` of its model_index.json: a folder given to the wrong
+# one is refused at validation with the right name (an SDXL U-Net run as SD 1.x fails deep in its forward).
+PIPELINE_NODE_TYPES = {"StableDiffusionPipeline": "diffusion", "StableDiffusionXLPipeline": "sdxl"}
+
+
+def read_pipeline_class(checkpoint: str) -> str | None:
+    """The `_class_name` of a pipeline folder's model_index.json, or None if there is none to read."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(resolve_checkpoint(checkpoint)).get("_class_name")
+    except (OSError, ValueError, MMAdaptError):
+        return None
 
 
 def read_pipeline_config(checkpoint: str, subfolder: str) -> dict[str, Any] | None:
@@ -85,9 +98,6 @@ class DiffusionGenerator(Generator):
         ip_adapter_scale: NonNegativeFloat | None = None,
     ) -> None:
         super().__init__()
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         if dtype not in DTYPES:
             raise MMAdaptError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if placeholder_vectors < 1:
@@ -98,16 +108,12 @@ class DiffusionGenerator(Generator):
         self.source = checkpoint
         folder = resolve_checkpoint(checkpoint)
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-            self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=DTYPES[dtype])
-            self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=DTYPES[dtype])
-            self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=DTYPES[dtype])
-            self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")  # training noise, from the pipeline's schedule
+            self._load(folder, DTYPES[dtype])
         except (OSError, ValueError) as exc:
             raise MMAdaptError(f"cannot load the diffusion pipeline '{checkpoint}': {str(exc).splitlines()[0]}") from None
         self.folder = folder
         self.placeholder, self.placeholder_vectors = placeholder, placeholder_vectors
-        self.placeholder_ids = self._add_placeholder(placeholder, placeholder_vectors, placeholder_init)
+        self._add_placeholders(placeholder_init)
         self.snr_gamma = snr_gamma
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = resolution or self.unet.config.sample_size * self.vae_scale
@@ -115,6 +121,20 @@ class DiffusionGenerator(Generator):
         self.ip_adapter_scale = ip_adapter_scale
         if ip_adapter_scale is not None:
             self._install_ip_adapter(ip_adapter_scale)
+
+    pipeline_class = "StableDiffusionPipeline"  # diffusers' pipeline of this layout: model_index.json, sampling, LoRA files
+    lora_parts = ("unet", "text_encoder")  # the inner models a LoRA export carries, in save_lora_weights' argument names
+
+    def _load(self, folder: str, dtype: torch.dtype) -> None:
+        """The frozen parts, each from its pipeline subfolder."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype)
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+        self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+        self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")  # training noise, from the pipeline's schedule
 
     # --- IP-Adapter: diffusers' own decoupled cross-attention processors, in the U-Net's own layout ---
     def _install_ip_adapter(self, scale: float) -> None:
@@ -161,25 +181,30 @@ class DiffusionGenerator(Generator):
         return (states, [ip_tokens.to(states.dtype)])
 
     # --- the placeholder: one new row per vector, or an existing word when the tokenizer already has it ---
-    def _add_placeholder(self, placeholder: str, count: int, init_word: str | None) -> list[int]:
+    def _add_placeholders(self, init_word: str | None) -> None:
+        """The placeholder's ids in each tokenizer (`placeholder_ids`), with rows in its text encoder."""
+        self.placeholder_ids = self._add_placeholder(self.tokenizer, self.text_encoder, init_word)
+
+    def _add_placeholder(self, tokenizer: Any, text_encoder: Any, init_word: str | None) -> list[int]:
+        placeholder, count = self.placeholder, self.placeholder_vectors
         tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, count)]  # diffusers' multi-vector naming
-        existing = [t for t in tokens if t in self.tokenizer.get_vocab()]
+        existing = [t for t in tokens if t in tokenizer.get_vocab()]
         if len(existing) == len(tokens):
-            return self.tokenizer.convert_tokens_to_ids(tokens)
-        self.tokenizer.add_tokens(tokens)
-        table = self.text_encoder.get_input_embeddings()
+            return tokenizer.convert_tokens_to_ids(tokens)
+        tokenizer.add_tokens(tokens)
+        table = text_encoder.get_input_embeddings()
         old_rows = table.weight.shape[0]
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        table = self.text_encoder.get_input_embeddings()
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        table = text_encoder.get_input_embeddings()
         with torch.no_grad():  # a new row is only a slot a bridge fills; init from a word keeps the plain prompt sensible
             init = table.weight[:old_rows].mean(0)
             if init_word is not None:  # a word of several tokens gives their mean (diffusers' script insists on one)
-                init_ids = self.tokenizer(init_word, add_special_tokens=False).input_ids
+                init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
                 if not init_ids:
                     raise MMAdaptError(f"placeholder_init '{init_word}' has no tokens")
                 init = table.weight[init_ids].mean(0)
             table.weight[old_rows:] = init
-        return self.tokenizer.convert_tokens_to_ids(tokens)
+        return tokenizer.convert_tokens_to_ids(tokens)
 
     def expand_placeholder(self, prompt: str) -> str:
         if self.placeholder_vectors == 1:
@@ -203,7 +228,13 @@ class DiffusionGenerator(Generator):
 
     @classmethod
     def param_problems(cls, params: dict[str, Any], context: NodeContext) -> list[Finding]:
-        """An IP-Adapter needs both halves: its bridge's tokens (inputs.ip_tokens) and the U-Net's attention for them."""
+        """The folder is this node's layout; an IP-Adapter needs both halves: its bridge's tokens (inputs.ip_tokens) and
+        the U-Net's attention for them."""
+        layout = read_pipeline_class(str(params.get("checkpoint", "")))
+        if layout is not None and layout != cls.pipeline_class:
+            other = PIPELINE_NODE_TYPES.get(layout)
+            return [Finding("checkpoint", f"is a {layout} folder, and this node reads {cls.pipeline_class} folders"
+                                          + (f": use type: {other}" if other else ""))]
         scale, wired = params.get("ip_adapter_scale"), "ip_tokens" in context.fed_ports
         if scale is not None and not wired:
             return [Finding("ip_adapter_scale", "is set, but no node feeds inputs.ip_tokens: wire an ip_adapter bridge there, "
@@ -305,22 +336,32 @@ class DiffusionGenerator(Generator):
         if isinstance(token_embeds, RowTokens) or isinstance(context, RowTokens):
             raise MMAdaptError("diffusion: a batch mixes modalities (a mixture dataset); the diffusion generator takes one modality "
                                "per batch, so train each modality's bridge on its own data")
-        input_ids = input_ids.to(self.text_encoder.device)
-        if token_embeds is None:
-            states = self.text_encoder(input_ids).last_hidden_state
-        else:
-            mask = torch.isin(input_ids, torch.tensor(self.placeholder_ids, device=input_ids.device))  # (B, L)
-            found = mask.sum(1)
-            exempt = prior_rows.to(found.device).bool() if prior_rows is not None else torch.zeros_like(found, dtype=torch.bool)
-            if not bool(((found == token_embeds.shape[1]) | ((found == 0) & exempt)).all()):
-                raise MMAdaptError(f"a prompt needs the placeholder '{self.placeholder}' once ({token_embeds.shape[1]} "
-                                   f"token(s) from the bridge); found {found.tolist()} placeholder tokens per prompt")
-            vectors = token_embeds[found > 0].reshape(-1, token_embeds.shape[-1])  # rows without it (class prompts) skip
-            with substituted_embeddings(self.text_encoder.get_input_embeddings(), mask, vectors):
-                states = self.text_encoder(input_ids).last_hidden_state  # (B, L, D)
+        states = self.run_text_encoder(self.text_encoder, input_ids, self.placeholder_ids, token_embeds, prior_rows).last_hidden_state
         if context is not None:
             states = torch.cat([states, context.to(states.dtype)], dim=1)  # (B, L + M, D)
         return states
+
+    def encode_prompt(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                      prior_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The U-Net's conditioning: cross-attention states (B, L + M, D) and its `added_cond_kwargs` (None here; a
+        layout with pooled text or size conditioning gives them)."""
+        return self.encode_text(input_ids, token_embeds, context, prior_rows), None
+
+    def run_text_encoder(self, encoder: torch.nn.Module, input_ids: torch.Tensor, placeholder_ids: list[int],
+                         token_embeds: torch.Tensor | None, prior_rows: torch.Tensor | None, **kwargs: Any) -> Any:
+        """One text encoder's output for (B, L) ids, the placeholder's K rows replaced by the bridge's (B, K, D) tokens."""
+        input_ids = input_ids.to(encoder.device)
+        if token_embeds is None:
+            return encoder(input_ids, **kwargs)
+        mask = torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))  # (B, L)
+        found = mask.sum(1)
+        exempt = prior_rows.to(found.device).bool() if prior_rows is not None else torch.zeros_like(found, dtype=torch.bool)
+        if not bool(((found == token_embeds.shape[1]) | ((found == 0) & exempt)).all()):
+            raise MMAdaptError(f"a prompt needs the placeholder '{self.placeholder}' once ({token_embeds.shape[1]} "
+                               f"token(s) from the bridge); found {found.tolist()} placeholder tokens per prompt")
+        vectors = token_embeds[found > 0].reshape(-1, token_embeds.shape[-1])  # rows without it (class prompts) skip
+        with substituted_embeddings(encoder.get_input_embeddings(), mask, vectors):
+            return encoder(input_ids, **kwargs)
 
     # --- training ---
     def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -349,8 +390,9 @@ class DiffusionGenerator(Generator):
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        states = self.encode_text(input_ids, token_embeds, context, prior_rows=prior)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=self._conditioning(states, ip_tokens)).sample  # (B, 4, h, w)
+        states, added = self.encode_prompt(input_ids, token_embeds, context, prior_rows=prior)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=self._conditioning(states, ip_tokens),
+                               added_cond_kwargs=added).sample  # (B, 4, h, w)
         kind = self.scheduler.config.prediction_type
         target = noise if kind == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
@@ -399,6 +441,10 @@ class DiffusionGenerator(Generator):
         """A prompt with the placeholder, and a white picture to learn to draw."""
         return {"prompt": "", "target": "", "text": f"a {self.placeholder}", "image": Image.new("RGB", (64, 64), "white")}
 
+    def textual_inversion_state(self, token: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A static token's (K, D) rows in the file layout load_textual_inversion reads: one tensor under the word."""
+        return {self.placeholder: token}
+
     def export(self, model: Any, folder: Path) -> list[str]:
         """What StableDiffusionPipeline loads (LoRA, LoKr, textual inversion), in the card's `diffusers/` folder."""
         from mmadapt.generators.diffusion.export import export_diffusers
@@ -419,15 +465,27 @@ class DiffusionGenerator(Generator):
 
     # --- sampling: the stock pipeline, fed the graph's conditioning ---
     def sampling_pipeline(self) -> Any:
-        """A StableDiffusionPipeline sharing this node's modules (adapters included), with the folder's own sampler."""
+        """The layout's stock pipeline sharing this node's modules (adapters included), with the folder's own sampler."""
         if getattr(self, "_pipeline", None) is None:
-            from diffusers import StableDiffusionPipeline
+            import diffusers
 
-            self._pipeline = StableDiffusionPipeline.from_pretrained(
-                self.folder, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self._pipeline = getattr(diffusers, self.pipeline_class).from_pretrained(self.folder, **self.pipeline_parts())
             self._pipeline.set_progress_bar_config(disable=True)
         return self._pipeline
+
+    def pipeline_parts(self) -> dict[str, Any]:
+        """The node's own modules, given to the pipeline in place of the folder's."""
+        return dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def negative_prompt(self, text: str, count: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The guidance prompt's conditioning, for `count` samples."""
+        return self.encode_prompt(self.tokenize([text] * count))
+
+    def pipeline_embeds(self, states: torch.Tensor, added: dict[str, torch.Tensor] | None, negative: torch.Tensor,
+                        negative_added: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The pipeline's arguments for precomputed conditioning."""
+        return {"prompt_embeds": states, "negative_prompt_embeds": negative}
 
     @torch.no_grad()
     def generate(
@@ -445,15 +503,14 @@ class DiffusionGenerator(Generator):
     ) -> list[Any]:
         """Images for prompts; classifier-free guidance uses the negative prompt with zero context tokens, and an
         IP-Adapter's tokens for no image."""
-        ids = self.tokenize(prompts)
-        states = self.encode_text(ids, token_embeds, context)
-        negative = self.encode_text(self.tokenize([negative_prompt] * len(prompts)))
+        states, added = self.encode_prompt(self.tokenize(prompts), token_embeds, context)
+        negative, negative_added = self.negative_prompt(negative_prompt, len(prompts))
         if context is not None:
             negative = torch.cat([negative, torch.zeros_like(context, dtype=negative.dtype)], dim=1)
         self._conditioning(states, ip_tokens)  # refuses tokens without processors and processors without tokens
         pipeline = self.sampling_pipeline()
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        settings = dict(prompt_embeds=states, negative_prompt_embeds=negative, num_inference_steps=num_inference_steps,
+        settings = dict(**self.pipeline_embeds(states, added, negative, negative_added), num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, generator=generator, height=self.resolution, width=self.resolution,
                         output_type=output_type)
         if ip_tokens is None:
