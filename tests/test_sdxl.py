@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from mmadapt.core.card import save_card
-from mmadapt.core.validate import check_recipe, load_recipe
+from mmadapt.core.validate import check_recipe
 from mmadapt.errors import RecipeError
 from test_diffusion import as_array, build_from, randomize_trainables, sd_folder, write_instances  # noqa: F401
 

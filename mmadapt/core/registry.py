@@ -17,6 +17,7 @@ NODE_TYPES: dict[str, str] = {
     "causal_lm": "mmadapt.generators.causal_lm.CausalLM",
     "diffusion": "mmadapt.generators.diffusion.generator.DiffusionGenerator",
     "sdxl": "mmadapt.generators.diffusion.sdxl.SDXLGenerator",
+    "sd3": "mmadapt.generators.diffusion.sd3.SD3Generator",
     "token": "bridges.token.TokenEmbedder",
     "linear_projector": "bridges.projector.LinearProjector",
     "mlp_projector": "bridges.projector.MLPProjector",

@@ -35,11 +35,11 @@ def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
             # peft's own key names, unconverted: diffusers reads a whole file as peft when its keys are, while its
             # converter renames attention keys only, so a mixed target set came out half renamed and half dropped
             state = get_peft_model_state_dict(module)
-            lora[f"{inner}_lora_layers"] = state if inner == "unet" else text_encoder_keys(state)
+            lora[f"{inner}_lora_layers"] = text_encoder_keys(state) if inner.startswith("text_encoder") else state
             lora[f"{inner}_lora_adapter_metadata"] = config.to_dict()  # without it, alpha != r reloads as alpha = r
         elif isinstance(config, LoKrConfig):
-            if inner != "unet":
-                raise CardError("LoKr export covers the U-Net only; diffusers has no LoKr loader for the text encoder")
+            if inner != generator.adapter_target:
+                raise CardError(f"LoKr export covers the {generator.adapter_target} only; diffusers has no LoKr loader for the {inner}")
             module.save_lora_adapter(str(folder / "lokr"), safe_serialization=True)
             written.append("lokr/")
     if lora:

@@ -21,7 +21,8 @@ from mmadapt.zoo import resolve_checkpoint
 DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}
 # Which node type reads a pipeline folder, by the `_class_name` of its model_index.json: a folder given to the wrong
 # one is refused at validation with the right name (an SDXL U-Net run as SD 1.x fails deep in its forward).
-PIPELINE_NODE_TYPES = {"StableDiffusionPipeline": "diffusion", "StableDiffusionXLPipeline": "sdxl"}
+PIPELINE_NODE_TYPES = {"StableDiffusionPipeline": "diffusion", "StableDiffusionXLPipeline": "sdxl",
+                       "StableDiffusion3Pipeline": "sd3"}
 
 
 def read_pipeline_class(checkpoint: str) -> str | None:
@@ -116,7 +117,7 @@ class DiffusionGenerator(Generator):
         self._add_placeholders(placeholder_init)
         self.snr_gamma = snr_gamma
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.resolution = resolution or self.unet.config.sample_size * self.vae_scale
+        self.resolution = resolution or self.denoiser().config.sample_size * self.vae_scale
         self.pad_id = self.tokenizer.pad_token_id
         self.ip_adapter_scale = ip_adapter_scale
         if ip_adapter_scale is not None:
@@ -135,6 +136,10 @@ class DiffusionGenerator(Generator):
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
         self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
         self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")  # training noise, from the pipeline's schedule
+
+    def denoiser(self) -> torch.nn.Module:
+        """The network that predicts the noise (here the U-Net; a diffusion transformer in that layout)."""
+        return self.unet
 
     # --- IP-Adapter: diffusers' own decoupled cross-attention processors, in the U-Net's own layout ---
     def _install_ip_adapter(self, scale: float) -> None:
@@ -260,9 +265,9 @@ class DiffusionGenerator(Generator):
     def adapter_export_problem(cls, inner: str, peft_config: Any) -> str | None:
         from peft import LoKrConfig
 
-        if isinstance(peft_config, LoKrConfig) and inner != "unet":
-            return (f"LoKr on the {inner} could not be exported: diffusers loads LoKr into the U-Net only "
-                    "(load_lora_adapter); use type: lora there, or put the LoKr on the unet")
+        if isinstance(peft_config, LoKrConfig) and inner != cls.adapter_target:
+            return (f"LoKr on the {inner} could not be exported: diffusers loads LoKr into the {cls.adapter_target} only "
+                    f"(load_lora_adapter); use type: lora there, or put the LoKr on the {cls.adapter_target}")
         return None
 
     def widths(self) -> dict[str, int]:
@@ -367,7 +372,8 @@ class DiffusionGenerator(Generator):
     def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             posterior = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
-            return posterior.sample() * self.vae.config.scaling_factor  # (B, 4, h, w)
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE centres its latents; SD 1.x/XL's has none
+            return (posterior.sample() - shift) * self.vae.config.scaling_factor  # (B, C, h, w)
 
     def forward(
         self,
@@ -386,18 +392,12 @@ class DiffusionGenerator(Generator):
                 raise MMAdaptError("the diffusion generator learns to draw each sample's picture, and the data gives none: give "
                                    "its samples an image field (for fsdd_captions: paired_image: digits)")
             latents = self.latents(pixel_values)
-        batch = latents.shape[0]
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy, timesteps, target = self.noised(latents)
         states, added = self.encode_prompt(input_ids, token_embeds, context, prior_rows=prior)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=self._conditioning(states, ip_tokens),
-                               added_cond_kwargs=added).sample  # (B, 4, h, w)
-        kind = self.scheduler.config.prediction_type
-        target = noise if kind == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        prediction = self.predict(noisy, timesteps, states, added, ip_tokens)  # (B, C, h, w)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if self.snr_gamma is not None:
-            per_sample = per_sample * self.min_snr_weights(timesteps, kind)
+            per_sample = per_sample * self.min_snr_weights(timesteps, self.scheduler.config.prediction_type)
         if loss_weight is not None:
             per_sample = per_sample * loss_weight.to(per_sample)
         result = {"loss": per_sample.mean(), "per_sample_loss": per_sample.detach()}
@@ -405,6 +405,20 @@ class DiffusionGenerator(Generator):
             alignment = self.alignment_loss(states[:, :input_ids.shape[1]], spelled_ids)
             result.update(loss=result["loss"] + self.text_alignment * alignment, alignment_loss=alignment.detach())
         return result
+
+    def noised(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, timesteps (B,), regression target): DDPM noising at uniform timesteps, and the noise or the
+        velocity as the schedule's prediction_type asks."""
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        kind = self.scheduler.config.prediction_type
+        return noisy, timesteps, noise if kind == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor, added: dict[str, torch.Tensor] | None,
+                ip_tokens: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser's output for noisy latents (B, C, h, w) under the prompt's conditioning."""
+        return self.unet(noisy, timesteps, encoder_hidden_states=self._conditioning(states, ip_tokens), added_cond_kwargs=added).sample
 
     def alignment_loss(self, states: torch.Tensor, spelled_ids: torch.Tensor | None) -> torch.Tensor:
         """Mean squared distance between the prompt's text states (B, L, D) and the spelled prompt's, all positions

@@ -1,6 +1,6 @@
 """Rebuild the miniature zoo from scratch with fixed seeds and print each member's quality figures.
 
-    python -m mmadapt.zoo.build [--only digits-clip digits-lm digits-sd digits-points fsdd-audiomae] [--out mmadapt/zoo]
+    python -m mmadapt.zoo.build [--only digits-clip digits-lm digits-sd digits-dit digits-points fsdd-audiomae] [--out mmadapt/zoo]
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 from mmadapt.zoo import ZOO_DIR
-from mmadapt.zoo.build import digits_clip, digits_lm, digits_points, digits_sd, fsdd_audiomae
+from mmadapt.zoo.build import digits_clip, digits_dit, digits_lm, digits_points, digits_sd, fsdd_audiomae
 
-MEMBERS = {"digits-clip": digits_clip.train, "digits-lm": digits_lm.train, "digits-sd": digits_sd.train,
+MEMBERS = {"digits-clip": digits_clip.train, "digits-lm": digits_lm.train, "digits-sd": digits_sd.train, "digits-dit": digits_dit.train,
            "digits-points": digits_points.train, "fsdd-audiomae": fsdd_audiomae.train}
 
 
