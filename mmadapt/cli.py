@@ -91,13 +91,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-PERSONALIZE_RECIPES = {"lora": "personalize-lora.yaml", "lokr": "personalize-lokr.yaml"}
+# The mini recipe for each layout (the node type its checkpoint folder needs) and method. SDXL runs SD 1.x's with the
+# type changed: the token bridge reads its width off the folder. SD3's take the token as a written rare word.
+PERSONALIZE_RECIPES = {"diffusion": {"lora": "personalize-lora.yaml", "lokr": "personalize-lokr.yaml"},
+                       "sdxl": {"lora": "personalize-lora.yaml", "lokr": "personalize-lokr.yaml"},
+                       "sd3": {"lora": "personalize-dit-lora.yaml", "lokr": "personalize-dit-lokr.yaml"}}
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
     """DreamBooth on a few images: the mini recipe for the method, pointed at the user's images, token and class."""
     import json
     from pathlib import Path
+
+    import yaml
 
     from mmadapt.data.dreambooth import list_images
     from mmadapt.eval.personalization import personalization_report
@@ -107,15 +113,27 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     found = len(list_images(args.images, "--images"))
     if found < 3:
         raise MMAdaptError(f"--images: {args.images} has {found} image(s); personalization needs 3 to 5")
-    recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "mini" / PERSONALIZE_RECIPES[args.method]
+    from mmadapt.generators.diffusion.generator import PIPELINE_NODE_TYPES, read_pipeline_class
+
+    layout = read_pipeline_class(args.checkpoint or "zoo:digits-sd")
+    if args.checkpoint and layout not in PIPELINE_NODE_TYPES:
+        raise MMAdaptError(f"--checkpoint: {args.checkpoint} is not a pipeline folder of a layout personalize knows "
+                           f"({layout or 'no model_index.json'}; known: {', '.join(PIPELINE_NODE_TYPES)})")
+    node_type = PIPELINE_NODE_TYPES.get(layout or "", "diffusion")
+    recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "mini" / PERSONALIZE_RECIPES[node_type][args.method]
     if args.recipe:
         recipe_path = Path(args.recipe)
-    overrides = [f"data.instance_dir={args.images}", f"data.instance_prompt=a {args.token} {args.class_word}",
-                 f"graph.sd.placeholder={args.token}", f"graph.sd.placeholder_init={args.class_word}"]
+    overrides = [f"data.instance_dir={args.images}", f"data.instance_prompt=a {args.token} {args.class_word}"]
+    try:  # a recipe with a placeholder has a token bridge fill the word's rows; without (SD3's), the word is read as written
+        takes_token = "placeholder" in (yaml.safe_load(recipe_path.read_text()) or {}).get("graph", {}).get("sd", {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        takes_token = True  # load_recipe below names what is wrong with the file
+    if takes_token:
+        overrides += [f"graph.sd.placeholder={args.token}", f"graph.sd.placeholder_init={args.class_word}"]
     if args.class_prompt:
         overrides.append(f"data.class_prompt={args.class_prompt}")
     if args.checkpoint:
-        overrides.append(f"graph.sd.checkpoint={args.checkpoint}")
+        overrides += [f"graph.sd.checkpoint={args.checkpoint}", f"graph.sd.type={node_type}"]
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     recipe, plan = load_recipe(recipe_path, overrides + list(args.overrides))
@@ -214,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("--token", default="<sks>", help="the new word that will name the subject")
     personalize.add_argument("--class-word", default="digit", help="the subject's class, for prior preservation")
     personalize.add_argument("--class-prompt", help="prompt of the prior-preservation images (default: the recipe's)")
-    personalize.add_argument("--method", choices=list(PERSONALIZE_RECIPES), default="lora")
-    personalize.add_argument("--checkpoint", help="a Stable Diffusion pipeline folder or hub id (default: zoo:digits-sd)")
+    personalize.add_argument("--method", choices=list(PERSONALIZE_RECIPES["diffusion"]), default="lora")
+    personalize.add_argument("--checkpoint", help="an SD 1.x, SDXL or SD3 pipeline folder (default: zoo:digits-sd; zoo:digits-dit is SD3's)")
     personalize.add_argument("--recipe", help="start from this recipe instead of the mini one")
     personalize.add_argument("--output-dir", help="the run folder")
     personalize.add_argument("--report", action="store_true", help="also measure style and referee figures (mini world)")

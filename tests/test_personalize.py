@@ -12,6 +12,8 @@ from mmadapt.cli import main
 from mmadapt.data.dreambooth import slanted, write_style_examples
 from mmadapt.eval.personalization import style_score, unstyle
 from mmadapt.eval.referee import read_digits
+from test_sd3 import sd3_folder  # noqa: F401
+from test_sdxl import sdxl_folder  # noqa: F401
 
 
 def test_the_style_score_tells_slanted_from_plain_and_the_referee_reads_through_the_slant() -> None:
@@ -60,3 +62,26 @@ def test_personalize_writes_a_card_the_stock_pipeline_loads(tmp_path: Path, caps
                      generator=torch.Generator().manual_seed(0)).images
     assert images[0].size == (16, 16)
     assert np.mean([style_score(i) for i in images]) > np.mean([style_score(i) for i in plain]) + 0.1  # leans right as the examples do
+
+
+@pytest.mark.parametrize("layout, exported", [("sdxl", ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]),
+                                              ("sd3", ["pytorch_lora_weights.safetensors"])])
+def test_personalize_takes_a_checkpoint_of_each_layout(layout: str, exported: list[str], tmp_path: Path,
+                                                       request: pytest.FixtureRequest) -> None:
+    """--checkpoint picks the recipe and node type from the folder's model_index.json: SDXL learns the word in both
+    encoders beside the LoRA; SD3 reads the word as written, so its export is the LoRA alone."""
+    folder = request.getfixturevalue(f"{layout}_folder")
+    write_style_examples(tmp_path / "images")
+    code = main(["personalize", "--images", str(tmp_path / "images"), "--checkpoint", str(folder),
+                 "--output-dir", str(tmp_path / "run"), "train.steps=2", "data.num_class_images=2", "train.batch_size=2"])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "card" / "diffusers").iterdir()) == exported
+
+
+def test_personalize_names_a_checkpoint_of_no_known_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_style_examples(tmp_path / "images")
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    assert main(["personalize", "--images", str(tmp_path / "images"), "--checkpoint", str(tmp_path / "pipe")]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "FluxPipeline" in err and "Traceback" not in err
