@@ -22,8 +22,9 @@ from mmadapt.data.dreambooth import IMAGE_SUFFIXES, MIN_IMAGES
 from mmadapt.training.trainer import Trainer
 
 log = logging.getLogger("mmadapt.serve.demo.personalize")
-RECIPES = {"lora": REPO_ROOT / "recipes" / "mini" / "personalize-lora.yaml",
-           "lokr": REPO_ROOT / "recipes" / "mini" / "personalize-lokr.yaml"}
+BASES = {"digits-sd (U-Net, SD 1.x layout)": "zoo:digits-sd",  # the frozen model to personalize; the recipe follows its layout
+         "digits-dit (transformer, SD 3 layout)": "zoo:digits-dit"}
+METHODS = ("lora", "lokr")
 EXAMPLE_FOLDER = REPO_ROOT / "examples" / "slanted-digits"
 DEFAULT_PROMPTS = "a {token} two\na {token} seven"  # digits the examples do not show: the style must carry over
 SEEDS = (0, 1)  # two pictures per prompt in the grid
@@ -100,21 +101,25 @@ class Studio:
         self.work_dir, self.limits, self.overrides = work_dir, limits, overrides
         self.stops: dict[str, threading.Event] = {}  # session -> its running training's stop flag
 
-    def recipe_for(self, run_dir: Path, token: str, class_word: str, method: str, steps: int) -> tuple[Any, Any]:
+    def recipe_for(self, run_dir: Path, token: str, class_word: str, method: str, steps: int,
+                   base: str = next(iter(BASES))) -> tuple[Any, Any]:
         """The mini personalization recipe with the studio's choices, as `mmadapt personalize` fills it in."""
+        from mmadapt.cli import personalization_recipe
         from mmadapt.core.spec import load_yaml
         from mmadapt.core.validate import load_recipe
 
-        if method not in RECIPES:
-            raise DataError(f"method: {method!r} is not one of {', '.join(RECIPES)}")
-        base = load_yaml(str(RECIPES[method]))
-        classes = hashlib.sha1(json.dumps([base["graph"]["sd"]["checkpoint"], base["data"].get("class_prompt"),
-                                           self.overrides], sort_keys=True).encode()).hexdigest()[:12]
-        overrides = [f"data.instance_dir={run_dir / 'images'}", f"data.instance_prompt=a {token} {class_word}",
-                     f"graph.sd.placeholder={token}", f"graph.sd.placeholder_init={class_word}",
+        if method not in METHODS:
+            raise DataError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+        if base not in BASES:
+            raise DataError(f"base model: {base!r} is not one of {', '.join(BASES)}")
+        path, filled = personalization_recipe(BASES[base], method, token, class_word)
+        raw = load_yaml(str(path))
+        classes = hashlib.sha1(json.dumps([BASES[base], raw["data"].get("class_prompt"), self.overrides],
+                                          sort_keys=True).encode()).hexdigest()[:12]
+        overrides = [*filled, f"data.instance_dir={run_dir / 'images'}",
                      f"data.class_dir={self.work_dir / 'class-images' / classes}", f"train.output_dir={run_dir}",
                      f"train.steps={steps}", f"train.log_every={max(1, steps // 10)}"]
-        return load_recipe(str(RECIPES[method]), overrides + self.overrides)
+        return load_recipe(str(path), overrides + self.overrides)
 
     def warm_up(self) -> None:
         """Load the base once and make the shared class images now, so the first run starts training at once."""
@@ -130,7 +135,7 @@ class Studio:
                  time.perf_counter() - started)
 
     def train(self, files: list[Any] | None, token: str, class_word: str, method: str, steps: float, prompts: str,
-              before_word: str, session: str, progress: Any) -> Iterator[tuple[Any, ...]]:
+              before_word: str, base: str, session: str, progress: Any) -> Iterator[tuple[Any, ...]]:
         token, class_word = check_word(token, "token"), check_word(class_word, "class word")
         images, captions = sort_uploads(files, self.limits)
         prompt_list = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
@@ -143,7 +148,7 @@ class Studio:
             check_image(path, self.limits).save(run_dir / "images" / f"image-{index}.png")
             if path.stem in captions:
                 (run_dir / "images" / f"image-{index}.txt").write_text(captions[path.stem])
-        recipe, plan = self.recipe_for(run_dir, token, class_word, method, steps)
+        recipe, plan = self.recipe_for(run_dir, token, class_word, method, steps, base)
         progress(0, desc="loading the base model and class images")
         yield f"Preparing {len(images)} pictures ({len(captions)} with captions) …", None, None, None
         records: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -193,8 +198,10 @@ class Studio:
         archive = shutil.make_archive(str(run_dir / "card"), "zip", card)
         exported = sorted(str(p) for p in (card / "diffusers").rglob("*") if p.is_file())
         elapsed = time.perf_counter() - started
-        yield (f"Done: {steps} steps in {elapsed:.0f} s. Card: `{card}`; load the LoRA in diffusers with "
-               f"`pipe.load_lora_weights(...)` and the word with `pipe.load_textual_inversion(...)`."), grid, archive, exported
+        word = (" and the word with `pipe.load_textual_inversion(...)`" if any(p.endswith("learned_embeds.safetensors") for p in exported)
+                else f" (the word '{token}' is read as written)")
+        yield (f"Done: {steps} steps in {elapsed:.0f} s. Card: `{card}`; load the adapter in diffusers with "
+               f"`pipe.load_lora_weights(...)`{word}."), grid, archive, exported
 
     def cancel(self, session: str) -> str:
         stop = self.stops.get(session)
@@ -216,8 +223,8 @@ def build_demo(work_dir: str | Path = "runs/demo-personalize", limits: Limits | 
 
     @as_ui_errors
     def train(files: list[Any] | None, token: str, class_word: str, method: str, steps: float, prompts: str,
-              before_word: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
-        yield from studio.train(files, token, class_word, method, steps, prompts, before_word, request.session_hash or "",
+              before_word: str, base: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
+        yield from studio.train(files, token, class_word, method, steps, prompts, before_word, base, request.session_hash or "",
                                 progress)
 
     def cancel(request: gr.Request) -> str:
@@ -226,7 +233,8 @@ def build_demo(work_dir: str | Path = "runs/demo-personalize", limits: Limits | 
     with gr.Blocks(analytics_enabled=False, title="mmadapt: personalization studio") as demo:
         gr.Markdown("# Personalization studio\nUpload 3-5 pictures of a subject or style (a `<picture>.txt` beside a "
                     "picture is its caption), pick a new word and its class, and train a LoRA plus the word's embedding "
-                    "on the frozen diffusion model (the miniature zoo's `digits-sd`: 16 px handwritten digits).")
+                    "on a frozen diffusion model of the miniature zoo (16 px handwritten digits): `digits-sd`, a U-Net, or "
+                    "`digits-dit`, a diffusion transformer in the SD 3 layout, where the word is read as written.")
         with gr.Row():
             with gr.Column():
                 # No file_types: Gradio's own refusal does not name the file; sort_uploads does.
@@ -236,7 +244,9 @@ def build_demo(work_dir: str | Path = "runs/demo-personalize", limits: Limits | 
                 with gr.Row():
                     token = gr.Textbox("<sks>", label="Token (the new word)")
                     class_word = gr.Textbox("digit", label="Class word")
-                method = gr.Radio(list(RECIPES), value="lora", label="Adapter")
+                with gr.Row():
+                    method = gr.Radio(list(METHODS), value="lora", label="Adapter")
+                    base = gr.Radio(list(BASES), value=next(iter(BASES)), label="Base model (layout)", elem_id="base")
                 steps = gr.Slider(10, 1600, value=default_steps, step=10, label="Training steps (the recipe's 800: about 80 s on 2 CPU cores)")
                 prompts = gr.Textbox(DEFAULT_PROMPTS, lines=2, label="Grid prompts ({token} is your word)")
                 before_word = gr.Textbox("handwritten", label="Before row: the word in place of the token",
@@ -251,7 +261,7 @@ def build_demo(work_dir: str | Path = "runs/demo-personalize", limits: Limits | 
                 exported = gr.File(label="Diffusers export (LoRA or LoKr, learned embedding)", file_count="multiple",
                                    elem_id="diffusers-export", interactive=False)
         example.click(lambda: example_files, None, files, api_name="example")
-        event = start.click(train, [files, token, class_word, method, steps, prompts, before_word], [status, grid, card_zip, exported],
+        event = start.click(train, [files, token, class_word, method, steps, prompts, before_word, base], [status, grid, card_zip, exported],
                             api_name="train", concurrency_id=MODEL_QUEUE, concurrency_limit=1)  # one training at a time
         stop.click(cancel, None, status, cancels=[event], api_name="cancel", queue=False)
         guard_requests(demo, limits)

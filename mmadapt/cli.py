@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mmadapt.errors import MMAdaptError, RecipeError
@@ -98,12 +99,35 @@ PERSONALIZE_RECIPES = {"diffusion": {"lora": "personalize-lora.yaml", "lokr": "p
                        "sd3": {"lora": "personalize-dit-lora.yaml", "lokr": "personalize-dit-lokr.yaml"}}
 
 
+def personalization_recipe(checkpoint: str | None, method: str, token: str, class_word: str,
+                           recipe: str | None = None) -> tuple[Path, list[str]]:
+    """The mini recipe for the checkpoint's layout (read off its model_index.json) and the method, with the overrides
+    that fill in the checkpoint, token and class word; `recipe` replaces the mini one."""
+    import yaml
+
+    from mmadapt.generators.diffusion.generator import PIPELINE_NODE_TYPES, read_pipeline_class
+
+    layout = read_pipeline_class(checkpoint or "zoo:digits-sd")
+    if checkpoint and layout not in PIPELINE_NODE_TYPES:
+        raise MMAdaptError(f"--checkpoint: {checkpoint} is not a pipeline folder of a layout personalize knows "
+                           f"({layout or 'no model_index.json'}; known: {', '.join(PIPELINE_NODE_TYPES)})")
+    node_type = PIPELINE_NODE_TYPES.get(layout or "", "diffusion")
+    path = Path(recipe) if recipe else Path(__file__).resolve().parent.parent / "recipes" / "mini" / PERSONALIZE_RECIPES[node_type][method]
+    overrides = [f"data.instance_prompt=a {token} {class_word}"]
+    try:  # a recipe with a placeholder has a token bridge fill the word's rows; without (SD3's), the word is read as written
+        takes_token = "placeholder" in (yaml.safe_load(path.read_text()) or {}).get("graph", {}).get("sd", {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        takes_token = True  # load_recipe names what is wrong with the file
+    if takes_token:
+        overrides += [f"graph.sd.placeholder={token}", f"graph.sd.placeholder_init={class_word}"]
+    if checkpoint:
+        overrides += [f"graph.sd.checkpoint={checkpoint}", f"graph.sd.type={node_type}"]
+    return path, overrides
+
+
 def cmd_personalize(args: argparse.Namespace) -> int:
     """DreamBooth on a few images: the mini recipe for the method, pointed at the user's images, token and class."""
     import json
-    from pathlib import Path
-
-    import yaml
 
     from mmadapt.data.dreambooth import list_images
     from mmadapt.eval.personalization import personalization_report
@@ -113,27 +137,10 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     found = len(list_images(args.images, "--images"))
     if found < 3:
         raise MMAdaptError(f"--images: {args.images} has {found} image(s); personalization needs 3 to 5")
-    from mmadapt.generators.diffusion.generator import PIPELINE_NODE_TYPES, read_pipeline_class
-
-    layout = read_pipeline_class(args.checkpoint or "zoo:digits-sd")
-    if args.checkpoint and layout not in PIPELINE_NODE_TYPES:
-        raise MMAdaptError(f"--checkpoint: {args.checkpoint} is not a pipeline folder of a layout personalize knows "
-                           f"({layout or 'no model_index.json'}; known: {', '.join(PIPELINE_NODE_TYPES)})")
-    node_type = PIPELINE_NODE_TYPES.get(layout or "", "diffusion")
-    recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "mini" / PERSONALIZE_RECIPES[node_type][args.method]
-    if args.recipe:
-        recipe_path = Path(args.recipe)
-    overrides = [f"data.instance_dir={args.images}", f"data.instance_prompt=a {args.token} {args.class_word}"]
-    try:  # a recipe with a placeholder has a token bridge fill the word's rows; without (SD3's), the word is read as written
-        takes_token = "placeholder" in (yaml.safe_load(recipe_path.read_text()) or {}).get("graph", {}).get("sd", {})
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
-        takes_token = True  # load_recipe below names what is wrong with the file
-    if takes_token:
-        overrides += [f"graph.sd.placeholder={args.token}", f"graph.sd.placeholder_init={args.class_word}"]
+    recipe_path, overrides = personalization_recipe(args.checkpoint, args.method, args.token, args.class_word, args.recipe)
+    overrides.append(f"data.instance_dir={args.images}")
     if args.class_prompt:
         overrides.append(f"data.class_prompt={args.class_prompt}")
-    if args.checkpoint:
-        overrides += [f"graph.sd.checkpoint={args.checkpoint}", f"graph.sd.type={node_type}"]
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     recipe, plan = load_recipe(recipe_path, overrides + list(args.overrides))

@@ -187,9 +187,10 @@ def test_a_card_that_does_not_fit_stops_the_cli_with_a_message(picture_card: Pat
 
 
 # --- personalize ---
+SD, DIT = "digits-sd (U-Net, SD 1.x layout)", "digits-dit (transformer, SD 3 layout)"  # the studio's two bases
 def test_studio_trains_shows_before_and_after_and_offers_the_card_and_lora(studio: tuple[Any, Client]) -> None:
     _, client = studio
-    job = client.submit([handle_file(p) for p in SLANTED], "<sks>", "digit", "lora", 10, "a {token} seven", "handwritten",
+    job = client.submit([handle_file(p) for p in SLANTED], "<sks>", "digit", "lora", 10, "a {token} seven", "handwritten", SD,
                         api_name="/train")
     seen = []
     while not job.done():
@@ -202,6 +203,16 @@ def test_studio_trains_shows_before_and_after_and_offers_the_card_and_lora(studi
     assert Image.open(grid).size == (190 + 2 * (128 + 6), 20 + 2 * (128 + 6))  # 2 rows (before, after) x 2 seeds
     assert {"bridge.safetensors", "recipe.yaml", "card.json"} <= set(zipfile.ZipFile(card_zip).namelist())
     assert sorted(Path(p).name for p in exported) == ["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"]
+
+
+def test_studio_trains_on_the_transformer_layout_too(studio: tuple[Any, Client]) -> None:
+    """The digits-dit base runs the SD 3 recipe: the word is read as written, so the export is the LoRA alone."""
+    _, client = studio
+    message, grid, _, exported = client.predict([handle_file(p) for p in SLANTED], "<sks>", "digit", "lora", 10,
+                                                "a {token} seven", "handwritten", DIT, api_name="/train")
+    assert message.startswith("Done: 10 steps") and "read as written" in message
+    assert Image.open(grid).size == (190 + 2 * (128 + 6), 20 + 2 * (128 + 6))
+    assert [Path(p).name for p in exported] == ["pytorch_lora_weights.safetensors"]
 
 
 def test_studio_bad_requests_get_messages_then_a_run_can_be_cancelled(studio: tuple[Any, Client], tmp_path: Path) -> None:
@@ -217,7 +228,7 @@ def test_studio_bad_requests_get_messages_then_a_run_can_be_cancelled(studio: tu
         shutil.copy(images[index % len(images)], six[-1])
 
     def train(files: list[Path], token: str = "<sks>", prompts: str = "a {token} seven", steps: int = 10) -> Any:
-        return client.submit([handle_file(p) for p in files], token, "digit", "lora", steps, prompts, "handwritten",
+        return client.submit([handle_file(p) for p in files], token, "digit", "lora", steps, prompts, "handwritten", SD,
                              api_name="/train")
 
     cases = [
@@ -510,7 +521,7 @@ def test_studio_bounds_text_and_numbers(studio: tuple[Any, Client], caplog: pyte
              (("<sks>", "digit", 10**6, "a {token} two"), "training steps: 1000000 is not between 10 and 1600")]
     for (token, word, steps, prompts), message in cases:
         with pytest.raises(AppError, match=message):
-            client.submit(files, token, word, "lora", steps, prompts, "handwritten", api_name="/train").result(timeout=60)
+            client.submit(files, token, word, "lora", steps, prompts, "handwritten", SD, api_name="/train").result(timeout=60)
     assert len(refusals_logged(caplog)) == len(cases)
     assert "Traceback" not in "".join(capfd.readouterr())
 
