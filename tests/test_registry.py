@@ -14,7 +14,7 @@ from mmadapt.core.registry import (ADAPTER_TYPES, DATA_TYPES, NODE_TYPES, Unknow
                                    sub_sections, would_import)
 
 ENCODERS = {"open_clip_vision", "hf_vision", "blip2_vision", "point_bert", "audiomae", "hf_audio"}
-GENERATORS = {"causal_lm", "diffusion"}
+GENERATORS = {"causal_lm", "diffusion", "sdxl", "sd3"}
 BRIDGES = {"token", "linear_projector", "mlp_projector", "qformer", "prefix", "soft_prompt", "ip_adapter"}
 TABLES = {"node": NODE_TYPES, "adapter": ADAPTER_TYPES, "data": DATA_TYPES}
 

@@ -206,7 +206,7 @@ def test_checkpoints_and_tokenizers_local_zoo_or_hub() -> None:
     raw = variant(PERSONALIZE)
     raw["graph"]["sd"]["checkpoint"] = "zoo:digits-sdd"
     assert the_problem(raw) == Problem("graph.sd", "checkpoint", "'zoo:digits-sdd' is not in the miniature zoo; members: digits-clip, "
-                                                                 "digits-lm, digits-points, digits-sd, fsdd-audiomae")
+                                                                 "digits-dit, digits-lm, digits-points, digits-sd, fsdd-audiomae")
     raw = variant(QFORMER)
     raw["graph"]["llm"]["checkpoint"] = "mmadapt/zoo/digits-llm"  # two slashes: a path
     assert Problem("graph.llm", "checkpoint", f"no such file or folder: mmadapt/zoo/digits-llm (relative paths start at the current "

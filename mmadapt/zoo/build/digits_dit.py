@@ -85,11 +85,12 @@ def train(out_dir: Path, seed: int = 0, steps: int = 3000, batch_size: int = 64,
     train_idx = split_indices("train")
     labels = load_digits_arrays()[1][train_idx]
     vae = AutoencoderKL.from_pretrained(ZOO_DIR / "digits-sd", subfolder="vae").requires_grad_(False)
-    pipeline = StableDiffusion3Pipeline(**components(seed, vae))
+    parts = components(seed, vae)
+    pipeline = StableDiffusion3Pipeline(**parts)
     with torch.no_grad():
         posterior = vae.encode(pixels_of(train_idx)).latent_dist
     mean, std = posterior.mean, posterior.std  # (N, 4, h, w) each: latents are drawn fresh every step
-    trained = [pipeline.transformer, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
+    trained = [parts[name] for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")]
     parameters = [p for module in trained for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, steps // 50, steps)
@@ -107,7 +108,7 @@ def train(out_dir: Path, seed: int = 0, steps: int = 3000, batch_size: int = 64,
         timesteps = scheduler.timesteps[(u * SCHEDULE["num_train_timesteps"]).long().clamp(max=len(scheduler.timesteps) - 1)]
         noise = torch.randn(latents.shape, generator=generator)
         noisy = scheduler.scale_noise(latents, timesteps, noise)
-        prediction = pipeline.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=states,
+        prediction = parts["transformer"](hidden_states=noisy, timestep=timesteps, encoder_hidden_states=states,
                                           pooled_projections=pooled).sample
         loss = F.mse_loss(prediction, noise - latents)
         optimizer.zero_grad()
