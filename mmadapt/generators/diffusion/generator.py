@@ -498,8 +498,12 @@ class DiffusionGenerator(Generator):
 
     def pipeline_embeds(self, states: torch.Tensor, added: dict[str, torch.Tensor] | None, negative: torch.Tensor,
                         negative_added: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """The pipeline's arguments for precomputed conditioning."""
-        return {"prompt_embeds": states, "negative_prompt_embeds": negative}
+        """The pipeline's arguments for precomputed conditioning; a layout whose conditioning carries a pooled text
+        embedding (`added["text_embeds"]`: SDXL, SD 3) passes it as the pipelines' pooled_prompt_embeds."""
+        embeds = {"prompt_embeds": states, "negative_prompt_embeds": negative}
+        if added is not None and negative_added is not None and "text_embeds" in added:
+            embeds.update(pooled_prompt_embeds=added["text_embeds"], negative_pooled_prompt_embeds=negative_added["text_embeds"])
+        return embeds
 
     @torch.no_grad()
     def generate(

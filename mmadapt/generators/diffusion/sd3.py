@@ -120,7 +120,7 @@ class SD3Generator(DiffusionGenerator):
     def encode_prompt(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None, context: torch.Tensor | None = None,
                       prior_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """As the pipeline: states (B, L + L3 + M, D), [CLIP-L | CLIP-G | zeros] over L tokens, T5 over L3, then the
-        context; and the pooled projections {"pooled": (B, P_l + P_g)}."""
+        context; and both pooled projections side by side {"text_embeds": (B, P_l + P_g)}."""
         from mmadapt.core.nodes import RowTokens
 
         if isinstance(context, RowTokens):
@@ -137,7 +137,7 @@ class SD3Generator(DiffusionGenerator):
         states = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=-2)  # (B, L + L3, D)
         if context is not None:
             states = torch.cat([states, context.to(states.dtype)], dim=1)  # (B, L + L3 + M, D)
-        return states, {"pooled": torch.cat([first.text_embeds, second.text_embeds], dim=-1)}  # (B, P_l + P_g)
+        return states, {"text_embeds": torch.cat([first.text_embeds, second.text_embeds], dim=-1)}  # (B, P_l + P_g)
 
     # --- training: flow matching, as the scheduler defines it ---
     default_inputs = {k: v for k, v in DiffusionGenerator.default_inputs.items() if k != "spelled_ids"}
@@ -170,16 +170,10 @@ class SD3Generator(DiffusionGenerator):
         self._conditioning(states, ip_tokens)  # no image prompt on this layout: tokens reaching it are refused
         assert added is not None  # encode_prompt always gives the pooled projections here
         return self.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=states,
-                                pooled_projections=added["pooled"].to(states.dtype)).sample
+                                pooled_projections=added["text_embeds"].to(states.dtype)).sample
 
     # --- sampling ---
     def pipeline_parts(self) -> dict[str, Any]:
         return dict(vae=self.vae, transformer=self.transformer, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
                     text_encoder_3=self.text_encoder_3, tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2,
                     tokenizer_3=self.tokenizer_3)
-
-    def pipeline_embeds(self, states: torch.Tensor, added: dict[str, torch.Tensor] | None, negative: torch.Tensor,
-                        negative_added: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        assert added is not None and negative_added is not None
-        return {"prompt_embeds": states, "negative_prompt_embeds": negative, "pooled_prompt_embeds": added["pooled"],
-                "negative_pooled_prompt_embeds": negative_added["pooled"]}

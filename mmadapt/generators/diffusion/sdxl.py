@@ -121,12 +121,6 @@ class SDXLGenerator(DiffusionGenerator):
             states, added = torch.zeros_like(states), {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
         return states, added
 
-    def pipeline_embeds(self, states: torch.Tensor, added: dict[str, torch.Tensor] | None, negative: torch.Tensor,
-                        negative_added: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        assert added is not None and negative_added is not None  # encode_prompt always gives them here
-        return {"prompt_embeds": states, "negative_prompt_embeds": negative, "pooled_prompt_embeds": added["text_embeds"],
-                "negative_pooled_prompt_embeds": negative_added["text_embeds"]}
-
     def textual_inversion_state(self, token: torch.Tensor) -> dict[str, torch.Tensor]:
         """diffusers' SDXL layout: `clip_l` rows for text_encoder, `clip_g` for text_encoder_2 (load each with its pair)."""
         width = self.text_encoder.config.hidden_size
