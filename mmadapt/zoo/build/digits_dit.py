@@ -10,9 +10,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmadapt.data.digits import WORDS, caption_for, load_digits_arrays, split_indices
+from mmadapt.data.digits import caption_for, load_digits_arrays, split_indices
 from mmadapt.zoo import ZOO_DIR
-from mmadapt.zoo.build.digits_sd import build_tokenizer, pixels_of
+from mmadapt.zoo.build.digits_sd import build_tokenizer, pixels_of, referee_quality
 
 CLIP = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
 T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
@@ -128,15 +128,5 @@ def quality(folder: Path, per_digit: int = 20, seed: int = 0, guidance: float = 
     """The referee's accuracy on `per_digit` pictures of each digit, drawn by the stock StableDiffusion3Pipeline."""
     from diffusers import StableDiffusion3Pipeline
 
-    from mmadapt.eval.referee import read_digits
-
-    pipeline = StableDiffusion3Pipeline.from_pretrained(folder)
-    pipeline.set_progress_bar_config(disable=True)
-    correct = {}
-    for digit in range(10):
-        generator = torch.Generator().manual_seed(seed + digit)
-        images = pipeline([f"a handwritten {WORDS[digit]}"] * per_digit, num_inference_steps=25, guidance_scale=guidance,
-                          generator=generator, max_sequence_length=T5_LENGTH).images
-        correct[WORDS[digit]] = sum(d == digit for d in read_digits(images)) / per_digit
-    return {"referee_accuracy": round(sum(correct.values()) / 10, 4), "per_digit": correct, "guidance_scale": guidance,
-            "inference_steps": 25}
+    return referee_quality(StableDiffusion3Pipeline.from_pretrained(folder), per_digit, seed, guidance,
+                           max_sequence_length=T5_LENGTH)
