@@ -25,17 +25,19 @@ def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def stock_pipeline(folder: Path) -> Any:
-    from diffusers import StableDiffusionPipeline
+def stock_pipeline(folder: Path, pipeline_class: str = "StableDiffusionPipeline", **kwargs: Any) -> Any:
+    """The layout's stock pipeline from the folder, as a user of diffusers loads it."""
+    import diffusers
 
-    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    pipeline = getattr(diffusers, pipeline_class).from_pretrained(folder, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def stock_images(pipeline: Any, prompts: list[str], seed: int = 0) -> np.ndarray:
+def stock_images(pipeline: Any, prompts: list[str], seed: int = 0, **call: Any) -> np.ndarray:
+    """4 guided steps of the stock pipeline; `call` adds a layout's own arguments."""
     generator = torch.Generator().manual_seed(seed)
-    return pipeline(prompts, num_inference_steps=4, guidance_scale=4.0, generator=generator, output_type="np").images
+    return pipeline(prompts, num_inference_steps=4, guidance_scale=4.0, generator=generator, output_type="np", **call).images
 
 
 def as_array(images: list[Any]) -> np.ndarray:

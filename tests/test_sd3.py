@@ -14,7 +14,7 @@ import yaml
 from mmadapt.core.card import save_card
 from mmadapt.core.validate import check_recipe
 from mmadapt.errors import RecipeError
-from test_diffusion import as_array, build_from, randomize_trainables, write_instances
+from test_diffusion import as_array, build_from, randomize_trainables, stock_images, stock_pipeline, write_instances
 
 PROMPT = "a handwritten seven"
 T5_LENGTH = 32  # digits-dit's tokenizer_3 length, which the generator takes by default
@@ -31,17 +31,11 @@ def sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def stock_sd3(folder: Path) -> Any:
-    from diffusers import StableDiffusion3Pipeline
-
-    pipeline = StableDiffusion3Pipeline.from_pretrained(folder)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return stock_pipeline(folder, "StableDiffusion3Pipeline")
 
 
 def draw(pipeline: Any, prompt: str, seed: int = 3) -> np.ndarray:
-    generator = torch.Generator().manual_seed(seed)
-    return pipeline([prompt], num_inference_steps=4, guidance_scale=4.0, generator=generator, output_type="np",
-                    height=16, width=16, max_sequence_length=T5_LENGTH).images[0]
+    return stock_images(pipeline, [prompt], seed, height=16, width=16, max_sequence_length=T5_LENGTH)[0]
 
 
 def sd3_recipe(tmp_path: Path, folder: Path, adapters: list[dict[str, Any]], **settings: Any) -> Path:
@@ -61,7 +55,7 @@ def test_the_prompt_is_read_as_the_pipeline_reads_it(sd3_folder: Path, tmp_path:
     theirs, _, pooled, _ = stock_sd3(sd3_folder).encode_prompt([PROMPT, "a digit"], None, None, do_classifier_free_guidance=False,
                                                                max_sequence_length=T5_LENGTH)
     assert states.shape == (2, 20 + T5_LENGTH, 64) and torch.allclose(states, theirs, atol=1e-6)
-    assert torch.allclose(added["pooled"], pooled, atol=1e-6)
+    assert torch.allclose(added["text_embeds"], pooled, atol=1e-6)
 
 
 def test_flow_matching_noises_and_targets_as_the_scheduler_integrates(sd3_folder: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import yaml
 from mmadapt.core.card import save_card
 from mmadapt.core.validate import check_recipe
 from mmadapt.errors import RecipeError
-from test_diffusion import as_array, build_from, randomize_trainables, sd_folder, write_instances  # noqa: F401
+from test_diffusion import as_array, build_from, randomize_trainables, sd_folder, stock_images, stock_pipeline, write_instances  # noqa: F401
 
 PROMPT = "a handwritten <sks> seven"
 
@@ -49,17 +49,11 @@ def sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def stock_sdxl(folder: Path) -> Any:
-    from diffusers import StableDiffusionXLPipeline
-
-    pipeline = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return stock_pipeline(folder, "StableDiffusionXLPipeline", add_watermarker=False)
 
 
 def draw(pipeline: Any, prompt: str, seed: int = 3, **kwargs: Any) -> np.ndarray:
-    generator = torch.Generator().manual_seed(seed)
-    return pipeline([prompt], num_inference_steps=4, guidance_scale=4.0, generator=generator, output_type="np",
-                    height=16, width=16, **kwargs).images[0]
+    return stock_images(pipeline, [prompt], seed, height=16, width=16, **kwargs)[0]
 
 
 def sdxl_recipe(tmp_path: Path, folder: Path, adapters: list[dict[str, Any]], token: bool = True) -> Path:
