@@ -97,6 +97,46 @@ def test_the_export_loads_with_load_ip_adapter_and_draws_the_same_picture(sd_fol
                                                   output_type="np", seed=3)), pair)
 
 
+CLIP_TOWER = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 24}
+
+
+def test_an_hf_clip_export_draws_from_the_picture_in_stock_diffusers(sd_folder: Path, tmp_path: Path) -> None:
+    """With transformers' CLIP image encoder, the export carries it (image_encoder/), and the stock pipeline given the
+    picture itself (ip_adapter_image) draws mmadapt's picture."""
+    raw = ip_recipe(sd_folder)
+    raw["graph"]["vision"] = {"type": "hf_vision", "config": dict(CLIP_TOWER), "feature": "pooled", "projection": True, "seed": 1}
+    model = built(raw)
+    assert model.nodes["vision"].widths()["output"] == 24  # the projected embedding, read off the config at validate too
+    randomize_trainables(model, scale=0.2)
+    model.eval()
+    card = save_card(model, tmp_path / "card")
+    assert (card / "diffusers" / "image_encoder" / "config.json").is_file()
+    stock = stock_pipeline(sd_folder)
+    stock.load_ip_adapter(str(card / "diffusers"), subfolder="", weight_name="ip_adapter.safetensors")  # its image_encoder/
+    data = build_dataset({"type": "digits_captions", "split": "test", "text": PROMPT})
+    drawn = []
+    for index in (0, 1):
+        ours = as_array(model.generate(batch_of(model, indices=[index]), [PROMPT], num_inference_steps=4, output_type="np", seed=3))[0]
+        theirs = stock_images(stock, [PROMPT], seed=3, ip_adapter_image=data[index]["image"])[0]
+        assert np.abs(ours - theirs).max() < 1e-4
+        drawn.append(theirs)
+    assert np.abs(drawn[0] - drawn[1]).max() > 5e-3  # each picture draws its own: the match is not vacuous
+
+    # Without the projection the tower's output is not what diffusers computes from a picture: no image_encoder/
+    raw["graph"]["vision"]["projection"] = False
+    plain_tower = built(raw)
+    assert not (save_card(plain_tower, tmp_path / "unprojected") / "diffusers" / "image_encoder").exists()
+
+
+def test_a_projection_on_a_tower_without_one_is_refused(sd_folder: Path) -> None:
+    raw = ip_recipe(sd_folder)
+    raw["graph"]["vision"] = {"type": "hf_vision", "config": {**CLIP_TOWER, "model_type": "siglip_vision_model"},
+                              "feature": "pooled", "projection": True}
+    with pytest.raises(RecipeError, match="graph.vision.projection.*siglip_vision_model.*no CLIP image projection"):
+        check_recipe(raw, "test")
+
+
 def test_tokens_without_the_attention_or_the_attention_without_tokens_are_refused(sd_folder: Path) -> None:
     with pytest.raises(RecipeError, match=r"graph\.sd\.ip_adapter_scale: inputs\.ip_tokens is wired, but the U-Net has no "
                                           r"IP-Adapter attention to read them: set ip_adapter_scale"):

@@ -168,6 +168,11 @@ class Encoder(Node):
         """Everything that changes this encoder's output for a given input: model, weights, layer, transform."""
         raise NotImplementedError
 
+    def diffusers_image_encoder(self) -> nn.Module | None:
+        """The model whose projected embedding (`image_embeds`) stock diffusers' `encode_image` computes from a picture
+        for a plain IP-Adapter, when that is this encoder's output; None when it is not."""
+        return None
+
 
 class Bridge(Node):
     """A trainable module between nodes. `in_dim`/`out_dim` constructor args are inferred from neighbours."""

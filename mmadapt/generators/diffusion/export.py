@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mmadapt.core.nodes import peft_config_of
+from mmadapt.core.nodes import Encoder, peft_config_of
 from mmadapt.errors import CardError
 from mmadapt.core.model import AssembledModel
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for first
 TEXTUAL_INVERSION = "learned_embeds.safetensors"  # the file name load_textual_inversion looks for first
 IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"  # pipe.load_ip_adapter(folder, subfolder="", weight_name=this)
+IMAGE_ENCODER = "image_encoder"  # the folder load_ip_adapter reads a CLIPVisionModelWithProjection from by default
 
 
 def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
@@ -56,6 +57,10 @@ def export_diffusers(model: AssembledModel, folder: Path) -> list[str]:
     if ip_adapter is not None:
         save_file(ip_adapter, str(folder / IP_ADAPTER_WEIGHTS))
         written.append(IP_ADAPTER_WEIGHTS)
+        encoder = ip_image_encoder(model)
+        if encoder is not None:  # load_ip_adapter's default image_encoder_folder: the pipeline then takes ip_adapter_image
+            encoder.save_pretrained(str(folder / IMAGE_ENCODER), safe_serialization=True)
+            written.append(f"{IMAGE_ENCODER}/")
     if not written:  # e.g. an AudioToken card: a per-sample token has nothing stock diffusers could load
         folder.rmdir()
     return written
@@ -90,6 +95,19 @@ def ip_adapter_tensors(model: AssembledModel) -> dict[str, torch.Tensor] | None:
         tensors[f"ip_adapter.{1 + 2 * index}.to_k_ip.weight"] = processor.to_k_ip[0].weight
         tensors[f"ip_adapter.{1 + 2 * index}.to_v_ip.weight"] = processor.to_v_ip[0].weight
     return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+
+def ip_image_encoder(model: AssembledModel) -> torch.nn.Module | None:
+    """A plain IP-Adapter's encoder as the CLIPVisionModelWithProjection that stock diffusers runs on a picture, when
+    `encode_image` computes what the bridge reads (an hf_vision tower with `projection`, feature pooled). Else None:
+    the pipeline takes the embeddings the bridge's `embedding` gives (`ip_adapter_image_embeds`). A plus adapter is
+    never given one: diffusers' negative for it is the encoder's tokens of a zero picture, not the zeros guidance used."""
+    ip_source = model.plan.inputs[model.generator_name]["ip_tokens"][0].source
+    refs = model.plan.inputs[ip_source].get("context", [])
+    if model.nodes[ip_source].variant != "plain" or len(refs) != 1 or refs[0].is_data:
+        return None
+    encoder = model.nodes[refs[0].source]
+    return encoder.diffusers_image_encoder() if isinstance(encoder, Encoder) else None
 
 
 def load_diffusers_lora(model: AssembledModel, path: str | Path) -> None:
