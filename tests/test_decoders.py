@@ -24,8 +24,10 @@ def test_loss_counts_target_tokens_only(decoder: CausalLM) -> None:
     torch.manual_seed(0)
     ids, mask, labels = encode(decoder, [("Question: odd? Answer:", " yes"), ("", "a handwritten two")])
     prefix = torch.randn(2, 3, decoder.embed_dim)  # (B, P, D)
-    out = decoder(prefix_embeds=prefix, input_ids=ids, attention_mask=mask, labels=labels)
-    logits = out["logits"]  # (B, P + T, V)
+    out = decoder(prefix_embeds=prefix, input_ids=ids, attention_mask=mask, labels=labels)  # a training step: head at targets only
+    assert "logits" not in out
+    with torch.no_grad():  # validation: the full forward, every position's logits
+        logits = decoder(prefix_embeds=prefix, input_ids=ids, attention_mask=mask, labels=labels)["logits"]  # (B, P + T, V)
     assert logits.shape[:2] == (2, 3 + ids.shape[1])
     full_labels = torch.cat([torch.full((2, 3), IGNORE_INDEX), labels], dim=1)
     shifted_logits, shifted_labels = logits[:, :-1], full_labels[:, 1:]

@@ -54,7 +54,8 @@ def test_markers_put_each_source_where_the_prompt_says_and_rows_without_tokens_k
     batch = decoder.collate(rows)
     assert batch["marker_positions"].tolist() == [[[-1], [bos + 2]], [[bos], [-1]], [[-1], [-1]]]  # (B, markers, occurrences)
     img, pts = torch.randn(2, decoder.embed_dim), torch.randn(3, decoder.embed_dim)
-    out = decoder(prefix_embeds=RowTokens([[("pts", pts)], [("img", img)], []]), **batch)
+    with torch.no_grad():  # every position's logits: a full forward
+        out = decoder(prefix_embeds=RowTokens([[("pts", pts)], [("img", img)], []]), **batch)
     embeds = decoder.embed(batch["input_ids"])
     n = [int(m.sum()) for m in batch["attention_mask"]]  # prompt + target + eos per row
     by_hand = [torch.cat([embeds[0, : bos + 2], pts, embeds[0, bos + 2: n[0]]]), torch.cat([embeds[1, :bos], img, embeds[1, bos: n[1]]]),
