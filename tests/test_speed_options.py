@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +52,98 @@ def test_logits_at_targets_runs_the_head_at_labelled_positions_only() -> None:
     labelled = int((batch["node_inputs"]["llm"]["labels"] != -100).sum())  # each label is predicted from the position before it
     assert rows[0] == labelled
     assert rows[1] == full["logits"].shape[0] * full["logits"].shape[1] > labelled
+
+
+# --- diffusion: cached VAE posteriors and text-encoder states ---
+from test_diffusion import sd_folder  # noqa: E402,F401
+from test_sd3 import sd3_folder  # noqa: E402,F401
+from test_sdxl import sdxl_folder  # noqa: E402,F401
+
+LAYOUTS = {"sd_folder": "mmadapt.generators.diffusion.generator.DiffusionGenerator",
+           "sdxl_folder": "mmadapt.generators.diffusion.sdxl.SDXLGenerator",
+           "sd3_folder": "mmadapt.generators.diffusion.sd3.SD3Generator"}
+
+
+def dreambooth_steps(cls: type, folder: Path, cached: bool, text_lora: bool = False, steps: int = 3) -> tuple[list, list, dict]:
+    """Three DreamBooth-LoRA steps on two pictures (one repeated prompt and a class prompt): each step's loss, LoRA
+    gradients, and how often the VAE encoder and the first text encoder ran."""
+    from bridges.lora import LoRA
+
+    torch.manual_seed(0)
+    generator = cls(checkpoint=str(folder), cache_latents=cached, cache_text_states=cached)
+    generator.requires_grad_(False).eval()  # frozen parts without dropout, as an assembled graph keeps them
+    LoRA(r=4, alpha=4).apply(generator.denoiser(), cls.adapter_modules[cls.adapter_target])
+    if text_lora:
+        LoRA(r=4, alpha=4).apply(generator.text_encoder, cls.adapter_modules["text_encoder"])
+    calls = {"vae": 0, "text": 0}
+    generator.vae.encoder.register_forward_hook(lambda *_: calls.__setitem__("vae", calls["vae"] + 1))
+    generator.text_encoder.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
+    size = generator.resolution
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1  # (B, 3, H, W)
+    ids = generator.tokenize(["a photo of sks digit", "a photo of a digit"])
+    losses, grads = [], []
+    for step in range(steps):
+        torch.manual_seed(10 + step)  # the same noise, timesteps and posterior draws on both sides
+        loss = generator(input_ids=ids, pixel_values=pixels)["loss"]
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in generator.named_parameters() if p.requires_grad})
+        generator.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, grads, calls
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cached_latents_and_text_states_keep_the_loss_and_gradients(layout: str, request: pytest.FixtureRequest) -> None:
+    from mmadapt.core.registry import resolve
+
+    cls, folder = resolve(LAYOUTS[layout], {}), request.getfixturevalue(layout)
+    (losses, grads, calls), (plain_losses, plain_grads, plain_calls) = dreambooth_steps(cls, folder, True), dreambooth_steps(cls, folder, False)
+    assert plain_calls == {"vae": 3, "text": 3} and calls == {"vae": 1, "text": 1}  # read back after the first step
+    assert len(set(losses)) == 3  # each step draws its own noise and latent: the cache keeps posteriors, not samples
+    for step in range(3):
+        assert abs(losses[step] - plain_losses[step]) < 1e-6
+        assert grads[step].keys() == plain_grads[step].keys()
+        assert any(g.abs().sum() > 0 for g in grads[step].values())
+        for name, grad in grads[step].items():
+            assert (grad - plain_grads[step][name]).abs().max().item() < 1e-6, name
+
+
+def test_a_training_text_encoder_is_run_every_step_even_with_the_cache(sd_folder: Path) -> None:  # noqa: F811
+    from mmadapt.generators.diffusion.generator import DiffusionGenerator
+
+    (losses, grads, calls), (plain_losses, _, _) = (dreambooth_steps(DiffusionGenerator, sd_folder, True, text_lora=True),
+                                                    dreambooth_steps(DiffusionGenerator, sd_folder, False, text_lora=True))
+    assert calls == {"vae": 1, "text": 3}
+    assert max(abs(a - b) for a, b in zip(losses, plain_losses)) < 1e-6
+    assert any("text_encoder" in name and g.abs().sum() > 0 for name, g in grads[-1].items())
+
+
+# --- DataLoader workers: bad samples travel in the batches and are counted in the main process ---
+@pytest.mark.parametrize("workers", [2])
+def test_workers_train_the_same_steps_and_count_the_same_bad_samples(tmp_path: Path, workers: int) -> None:
+    from PIL import Image
+
+    from mmadapt.core.validate import check_recipe
+    from mmadapt.training.trainer import Trainer
+
+    rows = []
+    for index in range(12):
+        path = tmp_path / f"img{index}.png"
+        if index in (4, 9):
+            path.write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (16, 16), (index * 20, 0, 0)).save(path)
+        rows.append({"image": path.name, "text": f"a picture number {index}"})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    runs = {}
+    for count in (0, workers):
+        raw = tiny_recipe("linear_projector", steps=6, batch_size=3, max_bad_fraction=0.3, num_workers=count,
+                          output_dir=str(tmp_path / f"run{count}"))
+        raw["data"] = {"type": "image_captions", "path": str(tmp_path / "data.jsonl")}
+        raw.pop("val_data")
+        trainer = Trainer(*check_recipe(raw, "test"))
+        trainer.train()
+        runs[count] = ([r["loss"] for r in trainer.history if "loss" in r], sorted(trainer.bad_samples.messages))
+    assert len(runs[0][0]) == 6 and runs[workers][0] == runs[0][0]  # the same batches, the same steps
+    assert len(runs[0][1]) == 2 and runs[workers][1] == runs[0][1]  # each bad file once (6 steps x 3 = 18: 1.5 epochs)
+    assert any("img4.png: not a readable image" in m for m in runs[workers][1])

@@ -16,6 +16,7 @@ from mmadapt.core.generator import Generator
 from mmadapt.core.nodes import RowTokens, adapters_off
 from mmadapt.core.params import Dtype, NonNegativeFloat, PositiveFloat, PositiveInt
 from mmadapt.core.semantics import Finding, NodeContext, meta_built
+from mmadapt.generators.diffusion.repeats import RowCache
 from mmadapt.zoo import resolve_checkpoint
 
 DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}
@@ -97,6 +98,13 @@ class DiffusionGenerator(Generator):
         # cross-attention, its to_k_ip/to_v_ip (started from to_k/to_v, as IP-Adapter's training does) train with the
         # bridge; the value weighs the image prompt against the text there (IP-Adapter's 1.0). None: no image prompt.
         ip_adapter_scale: NonNegativeFloat | None = None,
+        # Keep each training picture's VAE posterior (mean, std) in memory, keyed by its pixels: DreamBooth's few pictures
+        # repeat every epoch (diffusers' SDXL scripts precompute them). The latent is still drawn from it each step, so
+        # the loss is unchanged; it saves the VAE encoder's pass. Up to repeats.CACHE_LIMIT_BYTES.
+        cache_latents: bool = False,
+        # Likewise the frozen text encoders' states per prompt, for prompts without a bridge's tokens, while no text
+        # encoder trains (a LoRA there, or textual inversion's token, computes them each step).
+        cache_text_states: bool = False,
     ) -> None:
         super().__init__()
         if dtype not in DTYPES:
@@ -122,6 +130,8 @@ class DiffusionGenerator(Generator):
         self.ip_adapter_scale = ip_adapter_scale
         if ip_adapter_scale is not None:
             self._install_ip_adapter(ip_adapter_scale)
+        self.posteriors = RowCache("VAE posteriors") if cache_latents else None
+        self.text_states = RowCache("text-encoder states") if cache_text_states else None
 
     pipeline_class = "StableDiffusionPipeline"  # diffusers' pipeline of this layout: model_index.json, sampling, LoRA files
     lora_parts = ("unet", "text_encoder")  # the inner models a LoRA export carries, in save_lora_weights' argument names
@@ -370,10 +380,42 @@ class DiffusionGenerator(Generator):
 
     # --- training ---
     def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) drawn from the VAE's posterior of each picture (kept, with cache_latents)."""
         with torch.no_grad():
-            posterior = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
+            pixels = pixel_values.to(self.vae.device, self.vae.dtype)
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE centres its latents; SD 1.x/XL's has none
-            return (posterior.sample() - shift) * self.vae.config.scaling_factor  # (B, C, h, w)
+            if self.posteriors is None:
+                return (self.vae.encode(pixels).latent_dist.sample() - shift) * self.vae.config.scaling_factor
+            kept = self.posteriors(pixels, self._posterior)
+            mean, std = kept["mean"], kept["std"]
+            drawn = mean + std * torch.randn(mean.shape, device=pixels.device, dtype=mean.dtype)  # as DiagonalGaussianDistribution.sample
+            # in the layout the VAE's own sample has (channels-last on CPU): the noise drawn like the latents follows it
+            return (drawn.contiguous(memory_format=self._posterior_layout) - shift) * self.vae.config.scaling_factor  # (B, C, h, w)
+
+    def _posterior(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        posterior = self.vae.encode(pixels).latent_dist
+        probe = posterior.mean + posterior.std  # laid out as the sample the uncached path draws
+        channels_last = probe.is_contiguous(memory_format=torch.channels_last) and not probe.is_contiguous()
+        self._posterior_layout = torch.channels_last if channels_last else torch.contiguous_format
+        return {"mean": posterior.mean, "std": posterior.std}  # (B, C, h, w) each
+
+    def conditioning(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None, context: torch.Tensor | None,
+                     prior: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """`encode_prompt`, read from the text-state cache where it holds (cache_text_states; no bridge's tokens in the
+        prompt, no text encoder training)."""
+        encoders = [m for name, m in self.named_children() if name.startswith("text_encoder") and m is not None]
+        frozen = not any(p.requires_grad for encoder in encoders for p in encoder.parameters())
+        if self.text_states is None or token_embeds is not None or context is not None or not frozen:
+            return self.encode_prompt(input_ids, token_embeds, context, prior_rows=prior)
+
+        def encoded(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                states, added = self.encode_prompt(ids)
+            return {"states": states, **{f"added.{k}": v for k, v in (added or {}).items()}}
+
+        kept = self.text_states(input_ids, encoded)
+        added = {k.removeprefix("added."): v for k, v in kept.items() if k.startswith("added.")}
+        return kept["states"], added or None
 
     def forward(
         self,
@@ -393,7 +435,7 @@ class DiffusionGenerator(Generator):
                                    "its samples an image field (for fsdd_captions: paired_image: digits)")
             latents = self.latents(pixel_values)
         noisy, timesteps, target = self.noised(latents)
-        states, added = self.encode_prompt(input_ids, token_embeds, context, prior_rows=prior)
+        states, added = self.conditioning(input_ids, token_embeds, context, prior)
         prediction = self.predict(noisy, timesteps, states, added, ip_tokens)  # (B, C, h, w)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if self.snr_gamma is not None:

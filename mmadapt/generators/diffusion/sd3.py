@@ -40,9 +40,12 @@ class SD3Generator(DiffusionGenerator):
         # T5 tokens per prompt. None: the pipeline's default 256, or fewer where tokenizer_3's model_max_length is lower
         # (digits-dit: 32); a stock call must pass the same max_sequence_length to read prompts as training did.
         max_sequence_length: PositiveInt | None = None,
+        cache_latents: bool = False,  # as on the SD 1.x node: each picture's VAE posterior kept in memory
+        cache_text_states: bool = False,  # and each prompt's frozen text-encoder states
     ) -> None:
         self.requested_length = max_sequence_length
-        super().__init__(checkpoint, resolution=resolution, dtype=dtype)
+        super().__init__(checkpoint, resolution=resolution, dtype=dtype, cache_latents=cache_latents,
+                         cache_text_states=cache_text_states)
 
     def _load(self, folder: str, dtype: torch.dtype) -> None:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
