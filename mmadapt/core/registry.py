@@ -34,6 +34,7 @@ ADAPTER_TYPES: dict[str, str] = {
 
 DATA_TYPES: dict[str, str] = {
     "image_captions": "mmadapt.data.captions.ImageCaptionDataset",
+    "hf_dataset": "mmadapt.data.hf_dataset.HFCaptionDataset",
     "audio_captions": "mmadapt.data.captions.AudioCaptionDataset",
     "digits_captions": "mmadapt.data.digits.DigitsCaptions",
     "digits_points": "mmadapt.data.points.DigitsPoints",

@@ -20,6 +20,8 @@ def sample_source(sample: dict[str, Any]) -> str:
     for field in modality_fields():
         if isinstance(sample.get(field), (str, Path)):
             return str(sample[field])
+        if getattr(sample.get(field), "source", None):  # bytes kept in a table, named by table, row and column
+            return str(sample[field].source)
     return f"key {sample.get('key', '?')}"
 
 

@@ -1,0 +1,114 @@
+"""Caption data from Hugging Face `datasets` tables on disk: the same samples as a JSONL of files train the same
+steps; bad members are counted by table, row and column; resume mid-epoch is exact; bad tables are refused by name."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import tiny_recipe
+from mmadapt.core.validate import check_recipe
+from mmadapt.data.collate import build_dataset
+from mmadapt.errors import DataError
+from mmadapt.training.trainer import Trainer
+
+COUNT, BAD = 12, 5  # row 5 holds bytes that are not an image
+
+
+def png(index: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (index * 20, 255 - index * 20, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 12 captioned pictures four ways: a JSONL of files, a parquet with the bytes inside, an imagefolder
+    with metadata.jsonl, and a save_to_disk DatasetDict."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("tables")
+    (root / "files").mkdir()
+    (root / "folder" / "train").mkdir(parents=True)
+    rows, records = [], []
+    for index in range(COUNT):
+        data = b"not an image" if index == BAD else png(index)
+        name = f"img{index:02d}.png"
+        (root / "files" / name).write_bytes(data)
+        (root / "folder" / "train" / name).write_bytes(data)
+        rows.append({"image": name, "text": f"a picture number {index}"})
+        records.append({"image": {"bytes": data, "path": name}, "text": f"a picture number {index}"})
+    (root / "files" / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (root / "folder" / "train" / "metadata.jsonl").write_text(
+        "\n".join(json.dumps({"file_name": r["image"], "text": r["text"]}) for r in rows if r["image"] != f"img{BAD:02d}.png"))
+    features = datasets.Features({"image": datasets.Image(decode=False), "text": datasets.Value("string")})
+    table = datasets.Dataset.from_list(records, features=features)
+    table.to_parquet(str(root / "data.parquet"))
+    datasets.DatasetDict({"train": table}).save_to_disk(str(root / "saved"))
+    return root
+
+
+def run(tmp_path: Path, name: str, data: dict, **train: object) -> Trainer:
+    raw = tiny_recipe("linear_projector", steps=6, batch_size=3, max_bad_fraction=0.3, output_dir=str(tmp_path / name), **train)
+    raw["data"] = data
+    raw.pop("val_data")
+    trainer = Trainer(*check_recipe(raw, "test"))
+    trainer.train()
+    return trainer
+
+
+def step_losses(trainer: Trainer) -> list[float]:
+    return [r["loss"] for r in trainer.history if "loss" in r]
+
+
+def test_a_parquet_of_image_bytes_trains_the_steps_a_jsonl_of_files_does(tables: Path, tmp_path: Path) -> None:
+    files = run(tmp_path, "files", {"type": "image_captions", "path": str(tables / "files" / "data.jsonl")})
+    parquet = run(tmp_path, "parquet", {"type": "hf_dataset", "path": str(tables / "data.parquet")})
+    saved = run(tmp_path, "saved", {"type": "hf_dataset", "path": str(tables / "saved")})
+    assert len(step_losses(files)) == 6 and step_losses(parquet) == step_losses(files) == step_losses(saved)
+    assert len(parquet.bad_samples) == 1 and len(files.bad_samples) == 1
+    message = parquet.bad_samples.messages[0]
+    assert f"data.parquet row {BAD} (image), img{BAD:02d}.png" in message and "not a readable image" in message
+
+
+def test_an_imagefolder_reads_its_metadata_captions(tables: Path) -> None:
+    data = build_dataset({"type": "hf_dataset", "path": str(tables / "folder"), "builder": "imagefolder"})
+    assert len(data) == COUNT - 1  # the folder's metadata leaves the bad file out
+    sample = data[0]
+    assert sample["text"] == "a picture number 0" and sample["target"] == "a picture number 0"
+    assert Image.open(sample["image"]).size == (16, 16) and len(sample["key"]) == 40
+
+
+def test_resume_mid_epoch_is_exact(tables: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = {"type": "hf_dataset", "path": str(tables / "data.parquet")}
+    whole = step_losses(run(tmp_path, "whole", data, save_every=2))
+    original_log = Trainer._log
+
+    def log_then_die(self: Trainer, record: dict) -> None:
+        original_log(self, record)
+        if record.get("step") == 3 and "loss" in record:
+            raise KeyboardInterrupt  # after step 3 of 6: mid-epoch (4 batches of 3 make an epoch of 12)
+
+    monkeypatch.setattr(Trainer, "_log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "split", data, save_every=2)
+    monkeypatch.setattr(Trainer, "_log", original_log)
+    raw = tiny_recipe("linear_projector", steps=6, batch_size=3, max_bad_fraction=0.3, output_dir=str(tmp_path / "split"), save_every=2)
+    raw["data"] = data
+    raw.pop("val_data")
+    resumed = Trainer(*check_recipe(raw, "test"))
+    resumed.train(resume=True)
+    assert step_losses(resumed) == pytest.approx(whole, abs=1e-6)
+
+
+def test_a_missing_column_or_an_unknown_suffix_is_refused_by_name(tables: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data.parquet: no column 'caption'; its columns: image, text"):
+        build_dataset({"type": "hf_dataset", "path": str(tables / "data.parquet"), "text_column": "caption"})
+    (tmp_path / "data.tsv").write_text("x")
+    with pytest.raises(DataError, match=r"data.tsv: cannot tell the datasets builder from the suffix; set builder"):
+        build_dataset({"type": "hf_dataset", "path": str(tmp_path / "data.tsv")})
+    with pytest.raises(DataError, match=r"not a parquet dataset"):
+        build_dataset({"type": "hf_dataset", "path": str(tmp_path / "data.tsv"), "builder": "parquet"})
