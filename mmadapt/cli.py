@@ -176,6 +176,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from mmadapt.data.dreambooth import write_style_examples
 
+    if args.dataset == "shards":
+        from mmadapt.data.shards import write_shards
+
+        if args.dest is None:
+            raise MMAdaptError("mmadapt data shards SRC DEST: give the folder the shards go to")
+        report = write_shards(Path(args.folder), Path(args.dest), args.per_shard)
+        for path, reason in report.unreadable:
+            print(f"left out {path}: {reason}", file=sys.stderr)
+        print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.dest}"
+              + (f"; {len(report.unreadable)} unreadable files left out" if report.unreadable else "")
+              + f"; read them with data: {{type: hf_dataset, path: {args.dest}, column: <extension>, text_column: txt}}")
+        return 0
+
     if args.dataset == "fsdd":
         from mmadapt.data.fsdd import ENV_VAR, fetch_fsdd, recordings
 
@@ -265,9 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trust-card-code", action="store_true", help=TRUST_HELP)
     demo.set_defaults(handler=cmd_demo)
     data = sub.add_parser("data", help="write example data")
-    data.add_argument("dataset", choices=["slanted-digits", "fsdd"],
-                      help="slanted-digits: the mini personalization example; fsdd: clone the spoken digits (needs internet)")
-    data.add_argument("folder")
+    data.add_argument("dataset", choices=["slanted-digits", "fsdd", "shards"],
+                      help="slanted-digits: the mini personalization example; fsdd: clone the spoken digits (needs internet); "
+                           "shards: a caption JSONL/CSV or a captioned picture folder (FOLDER) as webdataset tar shards in DEST")
+    data.add_argument("folder", help="where the example data goes; for shards, the source file or folder")
+    data.add_argument("dest", nargs="?", help="shards: the folder the tar shards go to")
+    data.add_argument("--per-shard", type=int, default=1000, help="shards: samples per tar shard")
     data.set_defaults(handler=cmd_data)
     return parser
 

@@ -112,3 +112,34 @@ def test_a_missing_column_or_an_unknown_suffix_is_refused_by_name(tables: Path, 
         build_dataset({"type": "hf_dataset", "path": str(tmp_path / "data.tsv")})
     with pytest.raises(DataError, match=r"not a parquet dataset"):
         build_dataset({"type": "hf_dataset", "path": str(tmp_path / "data.tsv"), "builder": "parquet"})
+
+
+# --- webdataset tar shards: written by `mmadapt data shards`, read by hf_dataset ---
+def test_shards_written_from_a_jsonl_train_the_steps_the_jsonl_does(tables: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import tarfile
+
+    from mmadapt.cli import main
+
+    assert main(["data", "shards", str(tables / "files" / "data.jsonl"), str(tmp_path / "shards"), "--per-shard", "5"]) == 0
+    assert "wrote 12 samples in 3 shards" in capsys.readouterr().out
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    with tarfile.open(shards[0]) as tar:
+        assert tar.getnames()[:2] == ["000000000.png", "000000000.txt"]  # LAION/CC layout: KEY.EXT per member
+    files = run(tmp_path, "files", {"type": "image_captions", "path": str(tables / "files" / "data.jsonl")})
+    sharded = run(tmp_path, "sharded", {"type": "hf_dataset", "path": str(tmp_path / "shards"), "column": "png", "text_column": "txt"},
+                  num_workers=2)
+    assert step_losses(sharded) == step_losses(files)  # same rows, same order, two workers
+    assert len(sharded.bad_samples) == 1 and "not a readable image" in sharded.bad_samples.messages[0]
+    assert f"shards row {BAD} (png)" in sharded.bad_samples.messages[0]  # the corrupt member, named
+
+
+def test_a_cut_short_shard_or_a_used_folder_is_refused_by_name(tables: Path, tmp_path: Path) -> None:
+    from mmadapt.data.shards import write_shards
+
+    write_shards(tables / "files" / "data.jsonl", tmp_path / "shards", per_shard=6)
+    with pytest.raises(DataError, match="already holds shards"):
+        write_shards(tables / "files" / "data.jsonl", tmp_path / "shards")
+    shard = sorted((tmp_path / "shards").glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:700])  # cut inside its first member
+    with pytest.raises(DataError, match=r"shards: not a webdataset dataset"):
+        build_dataset({"type": "hf_dataset", "path": str(tmp_path / "shards"), "column": "png", "text_column": "txt"})

@@ -1,5 +1,6 @@
-"""Caption data from Hugging Face `datasets` tables on local disk: parquet, arrow, JSON lines or CSV files, an
-imagefolder, or a `save_to_disk` folder; each row one sample, its image or audio read by the graph's encoder."""
+"""Caption data from Hugging Face `datasets` tables on local disk: parquet, arrow, JSON lines or CSV files, webdataset
+tar shards, an imagefolder, or a `save_to_disk` folder; each row one sample, its image or audio read by the graph's
+encoder. Map-style: the trainer's sampler deals rows to processes and workers, and resume finds its place exactly."""
 from __future__ import annotations
 
 import hashlib
@@ -13,10 +14,10 @@ from mmadapt.core.semantics import Finding, place_finding
 from mmadapt.data.captions import CAPTION_FIELDS, Template, file_key, format_sample
 from mmadapt.errors import DataError
 
-Builder = Literal["parquet", "arrow", "json", "csv", "imagefolder", "audiofolder", "saved"]
+Builder = Literal["parquet", "arrow", "json", "csv", "webdataset", "imagefolder", "audiofolder", "saved"]
 Modality = Literal["image", "audio"]
 # How a file's suffix names the `datasets` builder that reads it (a folder: imagefolder, or a save_to_disk folder)
-SUFFIX_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+SUFFIX_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tar": "webdataset"}
 
 
 class RowBytes(io.BytesIO):
@@ -46,7 +47,7 @@ class HFCaptionDataset(Dataset):
 
     def __init__(
         self,
-        path: str,  # a .parquet/.arrow/.jsonl/.csv file, an image or audio folder, or a save_to_disk folder
+        path: str,  # a .parquet/.arrow/.jsonl/.csv/.tar file, a folder of .tar shards, an image or audio folder, or a save_to_disk folder
         builder: Builder | None = None,  # the `datasets` builder; None: read off the suffix (a folder: saved, else imagefolder)
         split: str = "train",  # the split to read (an imagefolder or a saved DatasetDict has several)
         modality: Modality = "image",  # the sample field the encoder reads
@@ -67,8 +68,7 @@ class HFCaptionDataset(Dataset):
                 table = datasets.load_from_disk(str(self.path))
                 table = table[split] if isinstance(table, datasets.DatasetDict) else table
             else:
-                where = {"data_dir": str(self.path)} if self.path.is_dir() else {"data_files": str(self.path)}
-                table = datasets.load_dataset(builder, split=split, **where)
+                table = datasets.load_dataset(builder, split=split, **self._files(builder, split))
         except (FileNotFoundError, ValueError, KeyError, datasets.exceptions.DatasetGenerationError) as exc:
             raise DataError(f"{self.path}: not a {builder} dataset with a '{split}' split ({str(exc).splitlines()[0]})") from None
         missing = [c for c in (self.column, text_column, prompt_column) if c and c not in table.column_names]
@@ -80,10 +80,24 @@ class HFCaptionDataset(Dataset):
         self.table = table
         self.root = self.path if self.path.is_dir() else self.path.parent  # where a column of relative paths starts
 
+    def _files(self, builder: str, split: str) -> dict[str, Any]:
+        """load_dataset's arguments for the path: a folder of tar shards is their sorted list (the LAION/CC layout)."""
+        if builder == "webdataset" and self.path.is_dir():
+            shards = sorted(str(p) for p in self.path.glob("*.tar"))
+            if not shards:
+                raise DataError(f"{self.path}: no .tar shards in this folder")
+            return {"data_files": {split: shards}}
+        if builder == "webdataset":
+            return {"data_files": {split: [str(self.path)]}}
+        return {"data_dir": str(self.path)} if self.path.is_dir() else {"data_files": str(self.path)}
+
     def _builder(self) -> str:
         if self.path.is_dir():
-            return "saved" if (self.path / "dataset_dict.json").exists() or (self.path / "state.json").exists() else (
-                "audiofolder" if self.modality == "audio" else "imagefolder")
+            if (self.path / "dataset_dict.json").exists() or (self.path / "state.json").exists():
+                return "saved"
+            if any(self.path.glob("*.tar")):
+                return "webdataset"
+            return "audiofolder" if self.modality == "audio" else "imagefolder"
         builder = SUFFIX_BUILDERS.get(self.path.suffix)
         if builder is None:
             raise DataError(f"{self.path}: cannot tell the datasets builder from the suffix; set builder: "
