@@ -12,6 +12,9 @@ import yaml
 from mmadapt.errors import Problem, RecipeError
 from mmadapt.core.params import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check, hints
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # accelerate's tracker names train.log_with takes
+TRACKER_PACKAGES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # what each imports
+
 TOP_LEVEL_KEYS = ("name", "graph", "data", "val_data", "train")
 NODE_RESERVED_KEYS = ("type", "inputs", "trainable", "adapters", "from_card")
 
@@ -46,6 +49,9 @@ class TrainConfig:
     # Frozen nodes to shard over the processes with FSDP2, e.g. [llm]: each process holds 1/N of their weights, for
     # generators that do not fit one device. Bridges stay whole on every process. Ignored on one process.
     shard_frozen: list[str] = field(default_factory=list)
+    # accelerate's experiment trackers, beside metrics.jsonl (which stays): tensorboard (offline, into
+    # OUTPUT_DIR/trackers), wandb, mlflow; each needs its package installed. Off by default.
+    log_with: list[Tracker] = field(default_factory=list)
 
 
 @dataclass

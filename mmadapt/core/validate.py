@@ -22,6 +22,7 @@ def check_recipe(raw: dict[str, Any], source: str, for_training: bool = True) ->
     plan, graph_problems = analyse(recipe.nodes, section_fields(recipe.data) if for_training else None)
     problems += graph_problems
     problems += shard_problems(recipe, plan) if not graph_problems else []
+    problems += tracker_problems(recipe)
     problems += alignment_problems(recipe)
     problems += data_problems(recipe.data, "data")
     if recipe.val_data is not None:
@@ -60,6 +61,17 @@ def shard_problems(recipe: Recipe, plan: Plan) -> list[Problem]:
             problems.append(Problem("train", "shard_frozen", f"encoder '{name}' would feed the feature cache, which each "
                                                              "process fills alone; set cache_frozen_features: false"))
     return problems
+
+
+def tracker_problems(recipe: Recipe) -> list[Problem]:
+    """Each tracker in train.log_with has its package on this machine (accelerate would fail at the first step)."""
+    import importlib.util
+
+    from mmadapt.core.spec import TRACKER_PACKAGES
+
+    return [Problem("train", "log_with", f"'{name}' needs the {TRACKER_PACKAGES[name]} package, which is not installed "
+                                         f"here (pip install {TRACKER_PACKAGES[name]})")
+            for name in recipe.train.log_with if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
 
 
 def alignment_problems(recipe: Recipe) -> list[Problem]:

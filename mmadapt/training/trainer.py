@@ -67,6 +67,11 @@ def micro_batches(dataset: Dataset, collator: Collator, cfg: Any, rank: int, wor
             yield consumed, batch
 
 
+def tracker_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's train section as the flat scalars trackers store as hyper-parameters (tensorboard takes no lists)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in raw.get("train", {}).items()}
+
+
 def loss_items(model: AssembledModel, batch: dict[str, Any]) -> int:
     """How many items a micro-batch's mean loss runs over, as its generator counts them (scored tokens, or samples)."""
     return model.generator.loss_items(batch["node_inputs"].get(model.generator_name, {}), int(batch["size"]))
@@ -128,9 +133,10 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.recipe, self.cfg = recipe, recipe.train
-        self.accelerator = Accelerator(mixed_precision=PRECISION[self.cfg.precision], cpu=not torch.cuda.is_available())
-        set_seed(self.cfg.seed)
         self.out_dir = Path(self.cfg.output_dir.format(name=recipe.name))
+        self.accelerator = Accelerator(mixed_precision=PRECISION[self.cfg.precision], cpu=not torch.cuda.is_available(),
+                                       log_with=list(self.cfg.log_with) or None, project_dir=str(self.out_dir / "trackers"))
+        set_seed(self.cfg.seed)
         self.model = assemble(recipe, plan)
         # Before the move to the device, so a generator too big for one device never sits there whole.
         self.sharded = shard_frozen_nodes(self.model, self.cfg.shard_frozen, self.accelerator.device) > 1
@@ -168,6 +174,7 @@ class Trainer:
             self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
+        self._trackers_started = False  # accelerate's trackers start with the first logged record
 
     @property
     def is_main(self) -> bool:
@@ -319,6 +326,8 @@ class Trainer:
                 if bad.occurrences:
                     log.warning("%s data: %s", data_name, bad.summary())
             log.info("card written to %s", card_dir)
+        if self._trackers_started:
+            acc.end_training()  # flushes and closes the trackers' files and runs
         acc.wait_for_everyone()
         return card_dir
 
@@ -367,6 +376,11 @@ class Trainer:
         if self.is_main:
             with self.metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+        if self.cfg.log_with:  # the same numbers to accelerate's trackers (each one's main process writes)
+            if not self._trackers_started:
+                self.accelerator.init_trackers(self.recipe.name, config=tracker_config(self.recipe.raw))
+                self._trackers_started = True
+            self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=record["step"])
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
