@@ -40,3 +40,22 @@ def test_a_tracker_without_its_package_is_refused_naming_the_field(monkeypatch: 
         check_recipe(tiny_recipe("linear_projector", log_with=["mlflow"]), "test")
     with pytest.raises(RecipeError, match=r"train.log_with"):
         check_recipe(tiny_recipe("linear_projector", log_with=["comet"]), "test")  # not a tracker accelerate names here
+
+
+def test_bf16_on_a_cpu_without_bfloat16_units_is_refused_before_loading(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On such a CPU (this machine's kind: AMD EPYC without AVX512-BF16/AMX) torch emulates bf16 products; train says
+    so by field before any model loads, and validate notes it (the real-size bf16 recipes validate anywhere)."""
+    import torch
+
+    from mmadapt.core.validate import check_recipe as check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    raw = tiny_recipe("linear_projector", precision="bf16", output_dir=str(tmp_path / "run"))
+    _, plan = check(raw, "test")
+    assert any(n.startswith("train.precision: bf16 needs a GPU or a CPU with bfloat16 matrix units") for n in plan.notes)
+    with pytest.raises(RecipeError, match=r"train.precision: bf16 needs a GPU or a CPU with bfloat16 matrix units .* use precision: fp32"):
+        Trainer(*check(raw, "test"))
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # a CPU with AMX: no note
+    assert not check(raw, "test")[1].notes

@@ -12,6 +12,17 @@ import yaml
 from mmadapt.errors import Problem, RecipeError
 from mmadapt.core.params import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check, hints
 
+def cpu_bf16_problem(precision: str) -> str | None:
+    """Why `precision: bf16` cannot train here: no GPU, and a CPU without bfloat16 matrix units (AVX512-BF16 or AMX),
+    where torch runs bf16 products emulated, hundreds of times slower than fp32. None where it can."""
+    import torch
+
+    if precision != "bf16" or torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return ("bf16 needs a GPU or a CPU with bfloat16 matrix units (AVX512-BF16 or AMX), and this machine has neither: "
+            "its bf16 matrix products are emulated, hundreds of times slower than fp32; use precision: fp32 here")
+
+
 Tracker = Literal["tensorboard", "wandb", "mlflow"]  # accelerate's tracker names train.log_with takes
 TRACKER_PACKAGES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # what each imports
 
