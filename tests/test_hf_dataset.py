@@ -143,3 +143,30 @@ def test_a_cut_short_shard_or_a_used_folder_is_refused_by_name(tables: Path, tmp
     shard.write_bytes(shard.read_bytes()[:700])  # cut inside its first member
     with pytest.raises(DataError, match=r"shards: not a webdataset dataset"):
         build_dataset({"type": "hf_dataset", "path": str(tmp_path / "shards"), "column": "png", "text_column": "txt"})
+
+
+# --- conversations from a table ---
+def test_a_conversation_table_gives_the_samples_its_jsonl_gives(tables: Path, tmp_path: Path) -> None:
+    import datasets
+
+    turns = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
+    rows = [{"id": "a", "image": ["img00.png"], "conversations": turns("<image>What is it?", "a zero")},
+            {"id": "b", "image": ["img01.png", "img02.png"], "conversations": turns("<image><image>Their sum?", "three")},
+            {"id": "c", "image": [], "conversations": turns("Say hi.", "hi")},
+            {"id": "d", "image": ["img03.png"], "conversations": turns("No placeholder here.", "three")}]  # a bad row
+    jsonl = tables / "files" / "chat.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "chat.parquet"))
+    plain = build_dataset({"type": "conversations", "path": str(jsonl)})
+    table = build_dataset({"type": "hf_conversations", "path": str(tmp_path / "chat.parquet"), "image_root": str(tables / "files")})
+    assert len(table) == len(plain) == 4
+    for index in range(3):
+        assert table[index] == plain[index]  # turns, prompt, target, image paths and content keys alike
+    assert plain[3]["problem"].endswith("row 3 (line 4) (id d): 0 '<image>' placeholder(s) but 1 image(s)")
+    assert table[3]["problem"] == f"{tmp_path / 'chat.parquet'}: row 3 (id d): 0 '<image>' placeholder(s) but 1 image(s)"
+    (tmp_path / "pictures").mkdir()
+    with pytest.raises(DataError, match=r"chat.parquet: its 'image' column holds the pictures themselves"):
+        images = datasets.Features({"image": datasets.Image(), "conversations": datasets.Value("string")})
+        datasets.Dataset.from_list([{"image": {"bytes": png(1), "path": None}, "conversations": "x"}], features=images
+                                   ).to_parquet(str(tmp_path / "pictures" / "chat.parquet"))
+        build_dataset({"type": "hf_conversations", "path": str(tmp_path / "pictures" / "chat.parquet")})

@@ -44,6 +44,7 @@ DATA_TYPES: dict[str, str] = {
     "mixture": "mmadapt.data.mixture.MixtureDataset",
     "conversations": "mmadapt.data.conversations.Conversations",
     "digits_conversations": "mmadapt.data.conversations.DigitsConversations",
+    "hf_conversations": "mmadapt.data.hf_dataset.HFConversations",
 }
 
 
