@@ -16,7 +16,7 @@ from mmadapt.core.generator import Generator
 from mmadapt.core.nodes import RowTokens, adapters_off
 from mmadapt.core.params import Dtype, NonNegativeFloat, PositiveFloat, PositiveInt
 from mmadapt.core.semantics import Finding, NodeContext, meta_built
-from mmadapt.generators.diffusion.repeats import RowCache
+from mmadapt.generators.diffusion.repeats import RowCache, posterior_sample
 from mmadapt.zoo import resolve_checkpoint
 
 DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}
@@ -384,20 +384,9 @@ class DiffusionGenerator(Generator):
         with torch.no_grad():
             pixels = pixel_values.to(self.vae.device, self.vae.dtype)
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE centres its latents; SD 1.x/XL's has none
-            if self.posteriors is None:
-                return (self.vae.encode(pixels).latent_dist.sample() - shift) * self.vae.config.scaling_factor
-            kept = self.posteriors(pixels, self._posterior)
-            mean, std = kept["mean"], kept["std"]
-            drawn = mean + std * torch.randn(mean.shape, device=pixels.device, dtype=mean.dtype)  # as DiagonalGaussianDistribution.sample
-            # in the layout the VAE's own sample has (channels-last on CPU): the noise drawn like the latents follows it
-            return (drawn.contiguous(memory_format=self._posterior_layout) - shift) * self.vae.config.scaling_factor  # (B, C, h, w)
-
-    def _posterior(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        posterior = self.vae.encode(pixels).latent_dist
-        probe = posterior.mean + posterior.std  # laid out as the sample the uncached path draws
-        channels_last = probe.is_contiguous(memory_format=torch.channels_last) and not probe.is_contiguous()
-        self._posterior_layout = torch.channels_last if channels_last else torch.contiguous_format
-        return {"mean": posterior.mean, "std": posterior.std}  # (B, C, h, w) each
+            sample = (self.vae.encode(pixels).latent_dist.sample() if self.posteriors is None
+                      else posterior_sample(self.posteriors, self.vae, pixels))
+            return (sample - shift) * self.vae.config.scaling_factor  # (B, C, h, w)
 
     def conditioning(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None, context: torch.Tensor | None,
                      prior: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:

@@ -29,6 +29,7 @@ class RowCache:
         self.rows: dict[str, dict[str, torch.Tensor]] = {}
         self.held = 0  # bytes
         self.full = False
+        self.layout = torch.contiguous_format  # the memory layout of what the cached function gave (posterior_sample)
 
     def __call__(self, batch: torch.Tensor, compute: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         keys = [row_key(row) for row in batch]
@@ -52,3 +53,20 @@ class RowCache:
             return
         self.rows[key] = entry
         self.held += size
+
+
+def posterior_sample(cache: RowCache, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """A draw (B, C, h, w) from each picture's VAE posterior, the posteriors (mean, std) kept in `cache`: the draw
+    DiagonalGaussianDistribution.sample makes, in the memory layout its sample has (channels-last on CPU), which the
+    noise the generator then draws like the latents (randn_like) follows."""
+
+    def encoded(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        posterior = vae.encode(rows).latent_dist
+        probe = posterior.mean + posterior.std  # laid out as the uncached sample
+        channels_last = probe.is_contiguous(memory_format=torch.channels_last) and not probe.is_contiguous()
+        cache.layout = torch.channels_last if channels_last else torch.contiguous_format
+        return {"mean": posterior.mean, "std": posterior.std}
+
+    kept = cache(pixels, encoded)
+    drawn = kept["mean"] + kept["std"] * torch.randn(kept["mean"].shape, device=pixels.device, dtype=kept["mean"].dtype)
+    return drawn.contiguous(memory_format=cache.layout)
