@@ -12,8 +12,9 @@ from mmadapt.errors import CardError, DataError
 from mmadapt.data.fsdd import fsdd_available, fsdd_root
 
 log = logging.getLogger("mmadapt.serve.demo.audio2image")
-DEFAULT_CARD = CARDS_DIR / "mini-audio-token"
-RECIPE = REPO_ROOT / "recipes" / "mini" / "audio-token.yaml"
+# The shipped cards, each with the recipe that remakes it: AudioToken's word in the prompt, and IP-Adapter's image prompt
+DEFAULT_CARDS = {CARDS_DIR / "mini-audio-token": REPO_ROOT / "recipes" / "mini" / "audio-token.yaml",
+                 CARDS_DIR / "mini-audio-ip-adapter": REPO_ROOT / "recipes" / "mini" / "audio-ip-adapter.yaml"}
 MAX_PICTURES = 4
 CSS = "#pictures img {image-rendering: pixelated}"  # the zoo's pictures are 16 px: show pixels, not blur
 
@@ -37,25 +38,36 @@ def audio_field(model: Any) -> str:
     raise CardError("the card has no audio encoder reading from data")
 
 
-def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> Any:
-    """The audio-to-image page for a card (default: the shipped mini audio-token card); not launched."""
+def how_it_draws(model: Any, prompt: str) -> str:
+    """One line on where the card puts the clip: an IP-Adapter's image prompt, or a word in the prompt (AudioToken)."""
+    if "ip_tokens" in model.plan.inputs[model.generator_name]:
+        return f"an image prompt beside the text `{prompt}`, read by IP-Adapter's decoupled cross-attention"
+    return f"the word `{model.generator.placeholder}` in the frozen diffusion model's prompt `{prompt}` (AudioToken's design)"
+
+
+def build_demo(cards: list[str | Path] | None = None, limits: Limits | None = None) -> Any:
+    """The audio-to-image page for the given cards (default: the shipped AudioToken and IP-Adapter cards), a choice
+    between them when there are several; not launched."""
     import gradio as gr
 
     limits = limits or Limits()
-    card = Path(card or DEFAULT_CARD)
-    if card == DEFAULT_CARD and not card.is_dir():
-        raise CardError(f"{card}: the shipped audio card is missing; remake it with `mmadapt train "
-                        f"{RECIPE.relative_to(REPO_ROOT)}` and copy runs/mini-audio-token/card there, or pass --card")
-    model = load_demo_card(card, "audio2image", "image", ("audio",))
-    field = audio_field(model)
-    prompt = str(model.recipe.data.get("text") or model.generator.placeholder)  # what the bridge was trained inside
-    resolution = model.generator.resolution
+    for card, recipe in DEFAULT_CARDS.items() if cards is None else ():
+        if not card.is_dir():
+            raise CardError(f"{card}: a shipped audio card is missing; remake it with `mmadapt train "
+                            f"{recipe.relative_to(REPO_ROOT)}` and copy runs/{card.name}/card there, or pass --card")
+    models = {Path(c).name: load_demo_card(c, "audio2image", "image", ("audio",)) for c in (cards or list(DEFAULT_CARDS))}
+    prompts = {name: str(m.recipe.data.get("text") or m.generator.placeholder) for name, m in models.items()}  # trained inside
+    resolution = next(iter(models.values())).generator.resolution
 
     @as_ui_errors
-    def generate(audio: str | None, seed: float, steps: float, guidance: float, pictures: float,
+    def generate(audio: str | None, seed: float, steps: float, guidance: float, pictures: float, card: str | None = None,
                  progress: gr.Progress = gr.Progress()) -> list[Any]:
         from mmadapt.serve.inference import generate_for_samples
 
+        card = card or next(iter(models))
+        if card not in models:
+            raise CardError(f"card: {card!r} is not one of this demo's cards ({', '.join(models)})")
+        model, prompt = models[card], prompts[card]
         check_audio(audio, limits, "audio")
         if not 1 <= int(pictures) <= MAX_PICTURES:
             raise DataError(f"pictures: {pictures} is not between 1 and {MAX_PICTURES}")
@@ -63,16 +75,17 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
             raise DataError(f"steps: {steps} is not between 1 and 200")
         images = []
         for offset in progress.tqdm(range(int(pictures)), desc="drawing"):
-            sample = {field: audio, "text": prompt, "key": "demo", "id": 0}
+            sample = {audio_field(model): audio, "text": prompt, "key": "demo", "id": 0}
             images += generate_for_samples(model, [sample], prompt, seed=int(seed) + offset,
                                            num_inference_steps=int(steps), guidance_scale=float(guidance))
         return [(image, f"seed {int(seed) + i}") for i, image in enumerate(images)]
 
     with gr.Blocks(analytics_enabled=False, title="mmadapt: audio to image") as demo:
-        gr.Markdown(f"# Audio to image\nA frozen audio encoder's reading of a clip becomes the word `<*>` in the frozen "
-                    f"diffusion model's prompt `{prompt}` (AudioToken's design). Card: `{card}`.")
+        gr.Markdown("# Audio to image\nA frozen audio encoder's reading of a clip goes into a frozen diffusion model. "
+                    + " ".join(f"Card `{name}`: {how_it_draws(m, prompts[name])}." for name, m in models.items()))
         with gr.Row():
             with gr.Column():
+                card = gr.Radio(list(models), value=next(iter(models)), label="Card", elem_id="card", interactive=len(models) > 1)
                 audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="audio")
                 clips = example_clips()
                 if clips:
@@ -89,7 +102,7 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
             with gr.Column():
                 gallery = gr.Gallery(label=f"Pictures ({resolution} px, shown enlarged)", elem_id="pictures",
                                      columns=2, height=420, format="png", interactive=False)
-        button.click(generate, [audio, seed, steps, guidance, pictures], gallery, api_name="generate",
+        button.click(generate, [audio, seed, steps, guidance, pictures, card], gallery, api_name="generate",
                      concurrency_id=MODEL_QUEUE, concurrency_limit=1)
         guard_requests(demo, limits)
         demo.demo_css = CSS  # Gradio 6 takes css at launch; mmadapt.serve.demo.launch passes it
@@ -98,6 +111,4 @@ def build_demo(card: str | Path | None = None, limits: Limits | None = None) -> 
 
 
 def main(cards: list[str] | None, host: str, port: int | None, share: bool, limits: Limits) -> None:
-    if cards and len(cards) > 1:
-        raise CardError("the audio2image demo takes one --card")
-    launch(build_demo(cards[0] if cards else None, limits), host=host, port=port, share=share)
+    launch(build_demo(list(cards) if cards else None, limits), host=host, port=port, share=share)

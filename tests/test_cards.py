@@ -137,3 +137,21 @@ def test_card_round_trip_keeps_generation(lora_card: tuple[object, Path]) -> Non
     model.eval()
     batch = batch_for(model, 3, split="test")
     assert reloaded.generate(batch, batch["prompts"], max_new_tokens=5) == model.generate(batch, batch["prompts"], max_new_tokens=5)
+
+
+def test_a_port_added_since_the_card_is_no_difference_but_a_changed_width_is(lora_card: tuple[object, Path], tmp_path: Path) -> None:
+    """A card records each node's port widths. One written before a port existed (the diffusion generator's ip_tokens
+    came later; the shipped AudioToken card predates it) still loads; a recorded port of another width does not."""
+    import shutil
+
+    _, folder = lora_card
+    copy = tmp_path / "card"
+    shutil.copytree(folder, copy)
+    meta = json.loads((copy / "card.json").read_text())
+    meta["widths"]["llm"] = {k: v for k, v in meta["widths"]["llm"].items() if k != "prefix_embeds"}  # as if it came later
+    (copy / "card.json").write_text(json.dumps(meta))
+    load_card_weights(build(tiny_recipe("lora")), copy)
+    meta["widths"]["llm"] = {"prefix_embeds": 47}
+    (copy / "card.json").write_text(json.dumps(meta))
+    with pytest.raises(CardError, match=r"graph.llm: widths \{'prefix_embeds': 48\} here, \{'prefix_embeds': 47\} in the card"):
+        load_card_weights(build(tiny_recipe("lora")), copy)
