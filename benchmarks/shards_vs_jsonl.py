@@ -19,10 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
+from vlm_vs_transformers import mmadapt_stepper  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,34 +51,17 @@ def write_digits(root: Path, count: int) -> Path:
     return root / "files" / "data.jsonl"
 
 
-def stepper(data: dict[str, Any], workers: int, out: Path) -> Any:
+def stepper(data: dict[str, Any], workers: int, out: Path) -> tuple[Callable[[], float], int]:
+    """The mini Q-Former recipe on `data` with `workers`, stepped as vlm_vs_transformers steps mmadapt's Trainer:
+    a step's seconds, and the samples per step (no digit here is unreadable, so every batch is full)."""
     from mmadapt.core.spec import apply_overrides, load_yaml
-    from mmadapt.core.validate import check_recipe
-    from mmadapt.training.trainer import Trainer, micro_batches
-    from mmadapt.data.collate import batch_to_device
 
     raw = apply_overrides(load_yaml(REPO / "recipes/mini/qformer.yaml"), [f"train.output_dir={out}", "train.cache_frozen_features=false",
                                                                           f"train.num_workers={workers}"])
     raw["data"] = data
     raw.pop("val_data", None)
-    trainer = Trainer(*check_recipe(raw, "benchmark"))
-    trainer.train_mode()
-    acc, cfg = trainer.accelerator, trainer.cfg
-    batches = micro_batches(trainer.dataset, trainer.train_collator, cfg, 0, 1, 0)
-    params = list(trainer.model.trainable_parameters().values())
-
-    def step() -> int:
-        _, batch = trainer._next_usable(batches)
-        loss = trainer.wrapped(batch_to_device(batch, acc.device))["loss"]
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, cfg.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.scheduler.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        return int(batch["size"])
-
-    return step
+    step, trainer = mmadapt_stepper(raw)
+    return step, trainer.cfg.batch_size
 
 
 def main() -> None:
@@ -107,13 +92,10 @@ def main() -> None:
     for round_ in range(2):
         for name in list(variants)[:: 1 if round_ == 0 else -1]:
             data, workers = variants[name]
-            step = stepper(data, workers, root / "run" / name.replace(" ", ""))
+            step, size = stepper(data, workers, root / "run" / name.replace(" ", ""))
             for _ in range(args.warmup):
                 step()
-            for _ in range(args.steps):
-                began = time.perf_counter()
-                size = step()
-                per_sample[name].append((time.perf_counter() - began) / size)
+            per_sample[name] += [step() / size for _ in range(args.steps)]
     base = statistics.median(per_sample["jsonl, 0 workers"])
     print(f"{args.samples} digits; {report.samples} samples in {len(report.shards)} shards; writing files {files_s:.1f} s, "
           f"shards {shards_s:.1f} s, datasets' arrow conversion {convert_s:.1f} s; {machine()}")

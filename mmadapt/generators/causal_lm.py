@@ -132,9 +132,9 @@ class CausalLM(Generator):
         # mmadapt.generators.chat.CHAT_TEMPLATES) or as Jinja text; None: the tokenizer's own. Unused by caption data.
         chat_template: str | None = None,
         # A training step (labels, gradients on) computes the LM head only at the positions that have a label, and the
-        # loss from those rows alone:
-        # the head over every image and prompt position is work the loss throws away (a fifth of a 125M LM's FLOPs at
-        # a 32k vocabulary). Same loss and gradients; off, or a head that is not one plain Linear, runs the full head.
+        # loss from those rows alone: the head over every image and prompt position is work the loss throws away (a fifth
+        # of a 125M LM's FLOPs at a 32k vocabulary). Same loss and gradients; off, or a head that is not one plain
+        # Linear, runs the full head.
         logits_at_targets: bool = True,
     ) -> None:
         super().__init__()

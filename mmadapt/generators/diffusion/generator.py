@@ -393,8 +393,8 @@ class DiffusionGenerator(Generator):
         """`encode_prompt`, read from the text-state cache where it holds (cache_text_states; no bridge's tokens in the
         prompt, no text encoder training)."""
         encoders = [m for name, m in self.named_children() if name.startswith("text_encoder") and m is not None]
-        frozen = not any(p.requires_grad for encoder in encoders for p in encoder.parameters())
-        if self.text_states is None or token_embeds is not None or context is not None or not frozen:
+        if (self.text_states is None or token_embeds is not None or context is not None  # the parameter scan last: only with the cache
+                or any(p.requires_grad for encoder in encoders for p in encoder.parameters())):
             return self.encode_prompt(input_ids, token_embeds, context, prior_rows=prior)
 
         def encoded(ids: torch.Tensor) -> dict[str, torch.Tensor]:
