@@ -4,11 +4,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from conftest import batch_for, build, tiny_recipe
+from conftest import TINY_LMS, batch_for, build, tiny_recipe
 
 
 def loss_and_grads(raw: dict, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -52,6 +53,81 @@ def test_logits_at_targets_runs_the_head_at_labelled_positions_only() -> None:
     labelled = int((batch["node_inputs"]["llm"]["labels"] != -100).sum())  # each label is predicted from the position before it
     assert rows[0] == labelled
     assert rows[1] == full["logits"].shape[0] * full["logits"].shape[1] > labelled
+
+
+# --- packing: the samples of a batch end to end, each attending to itself ---
+def varied_batch(model: Any, count: int = 5) -> dict[str, Any]:
+    """Digits captions whose prompts and targets differ in length by up to 5x, so rows pack two or three to a bin."""
+    from mmadapt.data.collate import collator_for
+    from mmadapt.data.digits import DigitsCaptions
+
+    data = DigitsCaptions(split="train", style="fixed")
+    samples = []
+    for index in range(count):
+        sample = dict(data[index])
+        sample["prompt"] = "Look. " * (1 + 4 * (index % 3)) + sample["prompt"]  # 6, 30 and 54 bytes of extra prompt
+        sample["target"] = sample["target"] + " indeed" * (index % 2)
+        samples.append(sample)
+    return collator_for(model, max_tokens=128)(samples)
+
+
+def packed_loss_and_grads(raw: dict, packing: bool, head_at_targets: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
+    raw = copy.deepcopy(raw)
+    raw["graph"]["llm"].update(packing=packing, logits_at_targets=head_at_targets)
+    torch.manual_seed(0)
+    model = build(raw)
+    model.train()
+    shapes: list = []
+    model.generator.model.base_model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["inputs_embeds"].shape[:2])),
+                                                               with_kwargs=True)
+    batch = varied_batch(model)
+    torch.manual_seed(1)
+    loss = model(batch)["loss"]
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.trainable_parameters().items()}, shapes
+
+
+@pytest.mark.parametrize("lm", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("bridge", ["qformer", "lora"])
+def test_packing_keeps_the_loss_and_gradients(lm: str, bridge: str) -> None:
+    raw = tiny_recipe(bridge, lm)
+    if bridge == "lora" and lm == "gpt2":
+        raw["graph"]["llm"]["adapters"][0]["target_modules"] = ["c_attn"]
+    loss, grads, _ = packed_loss_and_grads(raw, packing=False, head_at_targets=True)
+    for head_at_targets in (True, False):  # both loss paths take the packed rows
+        packed_loss, packed_grads, shapes = packed_loss_and_grads(raw, packing=True, head_at_targets=head_at_targets)
+        rows, length = shapes[0]
+        assert rows < 5 and length <= 128  # five samples in fewer rows, none longer than the longest sample
+        assert torch.isfinite(loss) and abs(packed_loss.item() - loss.item()) < 1e-6
+        assert packed_grads.keys() == grads.keys() and grads
+        assert all(g.abs().sum() > 0 for k, g in grads.items() if "lora_A" not in k)
+        for name, grad in grads.items():
+            assert (packed_grads[name] - grad).abs().max().item() < 1e-6, name
+
+
+def test_packed_rows_keep_each_sample_s_positions_and_clear_its_first_label() -> None:
+    from mmadapt.generators.packing import bins, pack
+
+    assert bins([5, 2, 3, 1, 4]) == [[0], [4, 3], [2, 1]]  # first fit, longest first, into bins of 5
+    embeds = torch.arange(3 * 5, dtype=torch.float32).reshape(3, 5, 1)  # (B, L, D) = (3, 5, 1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    labels = torch.tensor([[7, 8, 9, -100, -100], [1, 2, 3, 4, 5], [6, 6, -100, -100, -100]])
+    packed, positions, targets = pack(embeds, mask, labels)
+    assert packed[:, :, 0].tolist() == [[5, 6, 7, 8, 9], [0, 1, 2, 10, 11]]
+    assert positions.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert targets.tolist() == [[-100, 2, 3, 4, 5], [-100, 8, 9, -100, 6]]
+
+
+def test_packing_is_refused_where_it_cannot_be_exact() -> None:
+    from mmadapt.errors import MMAdaptError
+    from mmadapt.generators.causal_lm import CausalLM
+
+    with pytest.raises(MMAdaptError, match="packing: text_alignment compares"):
+        CausalLM(config=dict(TINY_LMS["llama"]), tokenizer="bytes", packing=True, text_alignment=0.5)
+    raw = tiny_recipe("qformer", "opt")  # OPT builds its mask from the attention mask alone: packed samples would mix
+    raw["graph"]["llm"]["packing"] = True
+    with pytest.raises(MMAdaptError, match="llm.*OPTModel builds its attention mask without the position ids"):
+        build(raw)
 
 
 # --- diffusion: cached VAE posteriors and text-encoder states ---

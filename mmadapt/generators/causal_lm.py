@@ -136,6 +136,10 @@ class CausalLM(Generator):
         # of a 125M LM's FLOPs at a 32k vocabulary). Same loss and gradients; off, or a head that is not one plain
         # Linear, runs the full head.
         logits_at_targets: bool = True,
+        # A training step lays the batch's samples end to end in as few rows as the longest sample's length holds, each
+        # attending to itself only (mmadapt.generators.packing): no work on padding, the same loss and gradients. Pays
+        # where lengths vary (conversations); off by default, as caption batches are near one length.
+        packing: bool = False,
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
@@ -179,6 +183,14 @@ class CausalLM(Generator):
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.logits_at_targets = logits_at_targets and plain_head(self.model)
+        self.packing = packing
+        if packing:
+            from mmadapt.generators.packing import packing_problem
+
+            problem = packing_problem(self.model) or ("text_alignment compares each sample's hidden states row by row"
+                                                      if text_alignment > 0 else None)
+            if problem:
+                raise MMAdaptError(f"packing: {problem}; set packing: false")
 
     @classmethod
     def config_widths(cls, params: dict[str, Any]) -> dict[str, int]:
@@ -382,11 +394,19 @@ class CausalLM(Generator):
                 labels = torch.cat([labels[:, :at], labels.new_full((batch, prefix_len), IGNORE_INDEX), labels[:, at:]], dim=1)
         pieces = [t for row in prefix_embeds.rows for _, t in row] if isinstance(prefix_embeds, RowTokens) else [prefix_embeds]
         aligning = self.text_alignment > 0 and any(t is not None and t.requires_grad for t in pieces)  # training only
-        if labels is not None and torch.is_grad_enabled() and self.logits_at_targets:  # a training step (the frozen LM is in eval mode)
-            out = self._loss_at_targets(embeds, attention_mask, labels, aligning)
+        training = labels is not None and torch.is_grad_enabled()  # a training step (the frozen LM is in eval mode)
+        position_ids = None
+        if training and self.packing:
+            from mmadapt.generators.packing import pack
+
+            embeds, position_ids, labels = pack(embeds, attention_mask, labels)
+            attention_mask = None  # with restarting position ids, transformers builds the block-diagonal causal mask
+        if training and self.logits_at_targets:
+            out = self._loss_at_targets(embeds, attention_mask, labels, aligning, position_ids)
             result = {"loss": out.loss}
         else:
-            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False, output_hidden_states=aligning)
+            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                             use_cache=False, output_hidden_states=aligning)
             result = {"loss": out.loss, "logits": out.logits}
         if aligning:
             several = [[source for source, _ in row] for row in prefix_embeds.rows if len(row) > 1] if isinstance(prefix_embeds, RowTokens) else []
@@ -397,10 +417,11 @@ class CausalLM(Generator):
             result.update(loss=out.loss + self.text_alignment * alignment, alignment_loss=alignment.detach())
         return result
 
-    def _loss_at_targets(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, aligning: bool) -> Any:
+    def _loss_at_targets(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, aligning: bool,
+                         position_ids: torch.Tensor | None = None) -> Any:
         """The LM's own next-token loss (mean cross-entropy over labelled positions, in float32), with the head run at
         those positions only. Returns the backbone's output with `loss` set."""
-        out = self.model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+        out = self.model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                                     output_hidden_states=aligning)  # hidden_states: what the CausalLM's output would carry
         predicted = labels[:, 1:]  # (B, L - 1): the token each position predicts
         at = predicted != IGNORE_INDEX  # (B, L - 1)
