@@ -223,3 +223,44 @@ def test_workers_train_the_same_steps_and_count_the_same_bad_samples(tmp_path: P
     assert len(runs[0][0]) == 6 and runs[workers][0] == runs[0][0]  # the same batches, the same steps
     assert len(runs[0][1]) == 2 and runs[workers][1] == runs[0][1]  # each bad file once (6 steps x 3 = 18: 1.5 epochs)
     assert any("img4.png: not a readable image" in m for m in runs[workers][1])
+
+
+# --- torch.compile: the bridges and the frozen generator's body, compiled in place ---
+def test_compile_keeps_the_losses_the_weights_and_the_card(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from mmadapt.core.validate import check_recipe
+    from mmadapt.training.trainer import Trainer
+
+    runs = {}
+    for compiled in (False, True):
+        raw = tiny_recipe("qformer", "llama", steps=3, compile=compiled, output_dir=str(tmp_path / f"run{compiled}"))
+        raw.pop("val_data")
+        trainer = Trainer(*check_recipe(raw, "test"))
+        card = trainer.train()
+        runs[compiled] = ([r["loss"] for r in trainer.history if "loss" in r], trainer.compiled,
+                          {k: p.detach().clone() for k, p in trainer.model.trainable_parameters().items()},
+                          {f.name: load_file(f) for f in sorted(Path(card).glob("*.safetensors"))})
+    (losses, compiled, weights, files), (plain_losses, plain_compiled, plain_weights, plain_files) = runs[True], runs[False]
+    assert plain_compiled == [] and sorted(compiled) == ["llm.model.model", "qformer"]  # the bridge, and the LM's body
+    assert len(losses) == 3 and max(abs(a - b) for a, b in zip(losses, plain_losses)) < 1e-6
+    assert weights.keys() == plain_weights.keys()
+    assert max((weights[k] - plain_weights[k]).abs().max().item() for k in weights) < 1e-5  # three AdamW steps on equal gradients
+    assert files.keys() == plain_files.keys() and files
+    for name, tensors in files.items():  # the card's tensors under the same names: no `_orig_mod.` from the compile
+        assert tensors.keys() == plain_files[name].keys()
+
+
+def test_compile_without_a_compiler_is_refused_before_anything_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import shutil
+
+    from mmadapt.core.validate import check_recipe
+    from mmadapt.errors import RecipeError
+    from mmadapt.training.trainer import Trainer
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setattr("mmadapt.training.trainer.assemble", lambda *_: pytest.fail("the graph was built"))
+    raw = tiny_recipe("qformer", "llama", compile=True, output_dir=str(tmp_path / "run"))
+    with pytest.raises(RecipeError, match="train.compile.*C\\+\\+ compiler"):
+        Trainer(*check_recipe(raw, "test"))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,18 @@ def cpu_bf16_problem(precision: str) -> str | None:
         return None
     return ("bf16 needs a GPU or a CPU with bfloat16 matrix units (AVX512-BF16 or AMX), and this machine has neither: "
             "its bf16 matrix products are emulated, hundreds of times slower than fp32; use precision: fp32 here")
+
+
+def compile_problem(enabled: bool) -> str | None:
+    """Why torch.compile cannot run here, or None: on CPU, inductor builds its kernels with a C++ compiler."""
+    import torch
+
+    if not enabled or torch.cuda.is_available():
+        return None
+    if os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"):
+        return None
+    return ("torch.compile's CPU backend builds its kernels with a C++ compiler, and none is here (no g++, clang++ or "
+            "$CXX); install one (e.g. apt install g++) or set train.compile: false")
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]  # accelerate's tracker names train.log_with takes
@@ -57,6 +71,9 @@ class TrainConfig:
     eval_generations: NonNegativeInt = 4  # sample generations written to the log at each evaluation
     max_new_tokens: PositiveInt = 16  # generation length used by evaluation and `generate`
     gradient_checkpointing: bool = False  # recompute frozen LLM layers in backward: less activation memory, ~1/3 more LM compute
+    # torch.compile the bridges and the frozen generator's body (mmadapt.training.compile): fused kernels between the
+    # matrix products; the first steps pay the compilation (minutes on CPU), so it is for long runs. Off by default.
+    compile: bool = False
     # Frozen nodes to shard over the processes with FSDP2, e.g. [llm]: each process holds 1/N of their weights, for
     # generators that do not fit one device. Bridges stay whole on every process. Ignored on one process.
     shard_frozen: list[str] = field(default_factory=list)

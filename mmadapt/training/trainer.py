@@ -24,7 +24,8 @@ from mmadapt.errors import CardError, DataError, Problem, RecipeError, TrainingE
 from mmadapt.core.graph import Plan
 from mmadapt.core.model import AssembledModel
 from mmadapt.training.sharding import average_gradients, shard_frozen_nodes
-from mmadapt.core.spec import Recipe, cpu_bf16_problem
+from mmadapt.core.spec import Recipe, compile_problem, cpu_bf16_problem
+from mmadapt.training.compile import compile_nodes
 
 log = logging.getLogger("mmadapt.training.trainer")
 CHECKPOINTS = "checkpoints"
@@ -136,6 +137,9 @@ class Trainer:
         slow = cpu_bf16_problem(self.cfg.precision)
         if slow:  # before anything loads: nothing is lost
             raise RecipeError([Problem("train", "precision", slow)], source=recipe.source)
+        no_compiler = compile_problem(self.cfg.compile)
+        if no_compiler:
+            raise RecipeError([Problem("train", "compile", no_compiler)], source=recipe.source)
         self.out_dir = Path(self.cfg.output_dir.format(name=recipe.name))
         self.accelerator = Accelerator(mixed_precision=PRECISION[self.cfg.precision], cpu=not torch.cuda.is_available(),
                                        log_with=list(self.cfg.log_with) or None, project_dir=str(self.out_dir / "trackers"))
@@ -147,6 +151,7 @@ class Trainer:
         self.checkpointed = checkpoint_frozen_layers(self.model) if self.cfg.gradient_checkpointing else []
         if self.cfg.gradient_checkpointing and not self.checkpointed:
             log.warning("gradient_checkpointing is on, but no frozen transformers model back-propagates to a bridge")
+        self.compiled = compile_nodes(self.model) if self.cfg.compile else []
         self.dataset = build_dataset(recipe.data)
         self.val_dataset = build_dataset(recipe.val_data) if recipe.val_data else None
         for data in (self.dataset, self.val_dataset):
