@@ -65,7 +65,7 @@ def image_token(size: dict[str, Any], family: str) -> int:
 
 
 # --- the mmadapt side: a recipe mapping ---
-def recipe(family: str, size: dict[str, Any], args: argparse.Namespace, cache: bool, out: Path) -> dict[str, Any]:
+def recipe(family: str, size: dict[str, Any], args: argparse.Namespace, cache: bool, out: Path, compiled: bool = False) -> dict[str, Any]:
     vision = {"type": "hf_vision", "config": {"model_type": "clip_vision_model", **size["vision"]}}
     if family == "blip2":
         vision.update(layer=-1, keep_cls=True)  # BLIP-2 cross-attends to every token of the last layer
@@ -84,7 +84,7 @@ def recipe(family: str, size: dict[str, Any], args: argparse.Namespace, cache: b
             "data": {"type": "digits_captions", "split": "train", "style": "fixed", "template": "instruction", "prompt": PROMPT,
                      "limit": size["samples"]},
             "train": {"lr": 1e-4, "batch_size": args.batch or size["batch"], "steps": 10_000, "cache_frozen_features": cache,
-                      "cache_dir": str(out / "cache"), "output_dir": str(out / "run"), "log_every": 10_000}}
+                      "cache_dir": str(out / "cache"), "output_dir": str(out / "run"), "log_every": 10_000, "compile": compiled}}
 
 
 # --- the transformers side: what a user writes with the model class ---
@@ -208,6 +208,12 @@ def mmadapt_stepper(raw: dict[str, Any]) -> tuple[Callable[[], float], Any]:
     return step, trainer
 
 
+def sides_of(args: argparse.Namespace) -> list[str]:
+    """The compared sides: transformers' class first (the baseline), then mmadapt without and with the cache, and with
+    `--compile` the same two with train.compile."""
+    return ["transformers", "mmadapt", "mmadapt+cache"] + (["mmadapt+compile", "mmadapt+cache+compile"] if args.compile else [])
+
+
 def child(args: argparse.Namespace) -> None:
     import logging
 
@@ -216,10 +222,12 @@ def child(args: argparse.Namespace) -> None:
     batch = args.batch or size["batch"]
     out = Path(args.workdir)
     total = args.warmup + args.steps
-    if args.side == "interleaved":  # all three in one process, one step each in turn: load swings hit all alike
+    if args.side == "interleaved":  # every side in one process, one step each in turn: load swings hit all alike
         steppers = {"transformers": hf_stepper(args.family, size, batch)}
-        steppers["mmadapt"] = mmadapt_stepper(recipe(args.family, size, args, False, out))[0]
-        steppers["mmadapt+cache"], cached = mmadapt_stepper(recipe(args.family, size, args, True, out))
+        cached = None
+        for side in sides_of(args)[1:]:
+            steppers[side], trainer = mmadapt_stepper(recipe(args.family, size, args, "cache" in side, out, "compile" in side))
+            cached = trainer if side == "mmadapt+cache" else cached
         names = list(steppers)
         times: dict[str, list[float]] = {n: [] for n in names}
         for index in range(total):
@@ -232,7 +240,7 @@ def child(args: argparse.Namespace) -> None:
         if args.side == "transformers":
             step = hf_stepper(args.family, size, batch)
         else:
-            step = mmadapt_stepper(recipe(args.family, size, args, args.side == "mmadapt+cache", out))[0]
+            step = mmadapt_stepper(recipe(args.family, size, args, "cache" in args.side, out, "compile" in args.side))[0]
         before = current_rss_mb()
         seconds = [step() for _ in range(total)]
         result = {"seconds_per_step": median(seconds[args.warmup:]), "rss_before_steps_mb": before,
@@ -248,6 +256,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per side, after warm-up")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="separate-process runs per side, for peak RSS")
+    parser.add_argument("--compile", action="store_true", help="also mmadapt with train.compile (warm-up steps include compiling)")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -256,7 +265,8 @@ def main() -> None:
     started = machine()
     common = ["--family", args.family, "--size", args.size, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     common += ["--batch", str(args.batch)] if args.batch else []
-    sides = ["transformers", "mmadapt", "mmadapt+cache"]
+    common += ["--compile"] if args.compile else []
+    sides = sides_of(args)
     memory: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     with tempfile.TemporaryDirectory(prefix="mmadapt-bench-") as tmp:
         workdir = str(Path(tmp) / "run")
