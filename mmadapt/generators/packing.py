@@ -47,7 +47,7 @@ def pack(embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tenso
         positions.append(torch.cat([torch.arange(lengths[r]) for r in group] + [torch.arange(width - used)]))
         row_labels = [labels[r, : lengths[r]].clone() for r in group]
         for piece in row_labels:
-            piece[0] = IGNORE_INDEX  # predicted by the previous sample's last token once packed; by nothing unpacked
+            piece[:1] = IGNORE_INDEX  # predicted by the previous sample's last token once packed; by nothing unpacked
         targets.append(torch.cat(row_labels + [labels.new_full((width - used,), IGNORE_INDEX)]))
     device = embeds.device
     return torch.stack(rows), torch.stack(positions).to(device), torch.stack(targets)
