@@ -85,7 +85,9 @@ def main() -> None:
     for name, packing in (("packing off", False), ("packing on", True)):
         steppers[name], trainers[name] = mmadapt_stepper(recipe(data, args.batch, packing, root / name.replace(" ", "")))
     generator = trainers["packing off"].model.generator
-    lengths = [len(generator.prepare(trainers["packing off"].dataset[i], 512)[0]) + 16 for i in range(args.samples)]  # + the picture's tokens
+    vision = SIZES["mini"]["vision"]
+    pictured = (vision["image_size"] // vision["patch_size"]) ** 2  # the picture's tokens, beside the text's
+    lengths = [len(generator.prepare(trainers["packing off"].dataset[i], 512)[0]) + pictured for i in range(args.samples)]
     names = list(steppers)
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(args.warmup + args.steps):

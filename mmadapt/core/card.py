@@ -188,8 +188,10 @@ def check_card_fits(model: AssembledModel, meta: dict[str, Any], directory: Path
     for name, widths in meta["widths"].items():
         # every port the card recorded must have its width; a port added to the node since (a newer mmadapt's, such as
         # the diffusion generator's ip_tokens) is not a difference: the card's tensors never touched it
-        here = model.nodes[name].widths() if name in model.nodes else {}
-        if name in model.nodes and {port: here.get(port) for port in widths} != widths:
+        if name not in model.nodes:
+            continue
+        here = model.nodes[name].widths()
+        if {port: here.get(port) for port in widths} != widths:
             differences.append(f"graph.{name}: widths {here} here, {widths} in the card")
     if differences:
         raise CardError(f"{directory} does not fit this graph:\n  - " + "\n  - ".join(differences))

@@ -37,6 +37,13 @@ def compile_problem(enabled: bool) -> str | None:
             "$CXX); install one (e.g. apt install g++) or set train.compile: false")
 
 
+def machine_problems(train: TrainConfig) -> list[Problem]:
+    """The train settings this machine cannot run: `mmadapt train` refuses them before anything loads, `mmadapt
+    validate` notes them (the real-size recipes are validated on machines that will not train them)."""
+    found = {"precision": cpu_bf16_problem(train.precision), "compile": compile_problem(train.compile)}
+    return [Problem("train", name, message) for name, message in found.items() if message]
+
+
 Tracker = Literal["tensorboard", "wandb", "mlflow"]  # accelerate's tracker names train.log_with takes
 TRACKER_PACKAGES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # what each imports
 

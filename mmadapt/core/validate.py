@@ -9,7 +9,7 @@ from mmadapt.core.graph import Plan, analyse, data_problems, data_ref_problem, i
 from mmadapt.core.nodes import Bridge, Encoder, Node, WidthUnknown
 from mmadapt.core.registry import ADAPTER_TYPES, DATA_TYPES, UnknownType, resolve, sub_sections
 from mmadapt.core.semantics import Finding, NodeContext, adapter_findings, place_finding, section_fields, section_findings, source_finding
-from mmadapt.core.spec import compile_problem, cpu_bf16_problem, Recipe, apply_overrides, load_yaml, parse_recipe
+from mmadapt.core.spec import machine_problems, Recipe, apply_overrides, load_yaml, parse_recipe
 
 
 def check_recipe(raw: dict[str, Any], source: str, for_training: bool = True) -> tuple[Recipe, Plan]:
@@ -23,12 +23,7 @@ def check_recipe(raw: dict[str, Any], source: str, for_training: bool = True) ->
     problems += graph_problems
     problems += shard_problems(recipe, plan) if not graph_problems else []
     problems += tracker_problems(recipe)
-    slow = cpu_bf16_problem(recipe.train.precision)
-    if slow:  # a note: the real-size recipes are validated on machines that will not train them
-        plan.notes.append(f"train.precision: {slow}; train refuses it on this machine")
-    no_compiler = compile_problem(recipe.train.compile)
-    if no_compiler:
-        plan.notes.append(f"train.compile: {no_compiler}; train refuses it on this machine")
+    plan.notes += [f"{problem}; train refuses it on this machine" for problem in machine_problems(recipe.train)]  # notes, not problems
     problems += alignment_problems(recipe)
     problems += data_problems(recipe.data, "data")
     if recipe.val_data is not None:

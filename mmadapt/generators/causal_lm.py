@@ -13,6 +13,7 @@ from mmadapt.core.nodes import RowTokens, adapters_off
 from mmadapt.core.params import Dtype, NonNegativeFloat
 from mmadapt.core.semantics import (Finding, NodeContext, inline_config_findings, meta_built, quiet_transformers, read_config,
                                     readable_config, source_finding)
+from mmadapt.generators.packing import pack, packing_problem
 from mmadapt.generators.chat import IGNORE_INDEX  # the label value the HF loss skips: prompt, prefix, padding
 from mmadapt.zoo import resolve_checkpoint
 
@@ -185,8 +186,6 @@ class CausalLM(Generator):
         self.logits_at_targets = logits_at_targets and plain_head(self.model)
         self.packing = packing
         if packing:
-            from mmadapt.generators.packing import packing_problem
-
             problem = packing_problem(self.model) or ("text_alignment compares each sample's hidden states row by row"
                                                       if text_alignment > 0 else None)
             if problem:
@@ -397,8 +396,6 @@ class CausalLM(Generator):
         training = labels is not None and torch.is_grad_enabled()  # a training step (the frozen LM is in eval mode)
         position_ids = None
         if training and self.packing:
-            from mmadapt.generators.packing import pack
-
             embeds, position_ids, labels = pack(embeds, attention_mask, labels)
             attention_mask = None  # with restarting position ids, transformers builds the block-diagonal causal mask
         if training and self.logits_at_targets:

@@ -16,6 +16,7 @@ def compile_nodes(model: AssembledModel) -> list[str]:
     outermost transformers or diffusers model (a causal LM's body, which its head-at-targets loss calls directly; a
     U-Net or transformer). Nodes upstream of every bridge run without autograd and are left alone. Returns what was
     compiled, as node.path names."""
+    from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
     # Dropout in a trainable bridge draws from torch's own generator, as uncompiled (inductor's faster generator would
@@ -29,7 +30,7 @@ def compile_nodes(model: AssembledModel) -> list[str]:
             node.compile()
             compiled.append(name)
             continue
-        found = [(path, m) for path, m in node.named_modules() if isinstance(m, PreTrainedModel) or is_diffusers_model(m)]
+        found = [(path, m) for path, m in node.named_modules() if isinstance(m, (PreTrainedModel, ModelMixin))]
         outermost = [(path, m) for path, m in found if not any(path.startswith(other + ".") for other, _ in found if other)]
         for path, module in outermost:
             body = module.base_model if isinstance(module, PreTrainedModel) else module
@@ -37,10 +38,3 @@ def compile_nodes(model: AssembledModel) -> list[str]:
             compiled.append(".".join(p for p in (name, path, "" if body is module else module.base_model_prefix) if p))
     return compiled
 
-
-def is_diffusers_model(module: torch.nn.Module) -> bool:
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # diffusers is a dependency; a broken install still trains LMs
-        return False
-    return isinstance(module, ModelMixin)

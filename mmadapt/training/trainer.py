@@ -20,11 +20,11 @@ from mmadapt.core.card import load_card_weights, save_card, write_card
 from mmadapt.core.checkpoint_io import (TRAINER_STATE, atomic_dir, load_trainer_state, remove_stale_temp_dirs, rng_state,
                                    save_trainer_state, set_rng_state)
 from mmadapt.data.collate import BadReport, BadSamples, Collator, batch_to_device, build_dataset, collator_for
-from mmadapt.errors import CardError, DataError, Problem, RecipeError, TrainingError
+from mmadapt.errors import CardError, DataError, RecipeError, TrainingError
 from mmadapt.core.graph import Plan
 from mmadapt.core.model import AssembledModel
 from mmadapt.training.sharding import average_gradients, shard_frozen_nodes
-from mmadapt.core.spec import Recipe, compile_problem, cpu_bf16_problem
+from mmadapt.core.spec import Recipe, machine_problems
 from mmadapt.training.compile import compile_nodes
 
 log = logging.getLogger("mmadapt.training.trainer")
@@ -134,12 +134,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.recipe, self.cfg = recipe, recipe.train
-        slow = cpu_bf16_problem(self.cfg.precision)
-        if slow:  # before anything loads: nothing is lost
-            raise RecipeError([Problem("train", "precision", slow)], source=recipe.source)
-        no_compiler = compile_problem(self.cfg.compile)
-        if no_compiler:
-            raise RecipeError([Problem("train", "compile", no_compiler)], source=recipe.source)
+        unrunnable = machine_problems(self.cfg)
+        if unrunnable:  # before anything loads: nothing is lost
+            raise RecipeError(unrunnable, source=recipe.source)
         self.out_dir = Path(self.cfg.output_dir.format(name=recipe.name))
         self.accelerator = Accelerator(mixed_precision=PRECISION[self.cfg.precision], cpu=not torch.cuda.is_available(),
                                        log_with=list(self.cfg.log_with) or None, project_dir=str(self.out_dir / "trackers"))
